@@ -1,0 +1,285 @@
+"""CNN classifier with GlobalAveragePooling + Dense softmax, and its class
+activation maps (CAM: last-conv activations . Dense weights of a class).
+
+Trained on labelled images. When only one class is given (normal images only),
+it learns "normal" against self-made defects (``detectors.defects``) and its
+``cam_anomaly`` is the probability of a defect.
+
+Columns: ``cam_pred`` (class name), ``cam_prob`` (its probability),
+``cam_anomaly`` (probability of the anomalous class: the labelled
+``anomaly_class`` or the self-made defect class; NaN when there is none),
+``cam_map`` (flattened map at feature-map resolution, row-major, of the
+anomalous class when there is one, else of the predicted class; see
+``cam_map_shape_``), and its peak ``cam_peak_y``/``cam_peak_x`` (fractions).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import keras
+import numpy as np
+
+from detectors.base import (
+    BaseDetector,
+    ScoreColumn,
+    keras_from_bytes,
+    keras_to_bytes,
+    predict_in_batches,
+    seed_everything,
+    split_validation,
+)
+from detectors.defects import make_defects
+from detectors.features import BACKBONES, build_backbone_extractor, preprocess_for_backbone
+from detectors.maps import peak_location
+from detectors.preprocessing import ImageBatch, check_image_size, check_non_empty, to_uint8_batch
+
+DEFECT_CLASS = "__defect__"
+
+
+def build_cam_classifier(
+    *,
+    num_classes: int,
+    input_size: int = 32,
+    channels: int = 1,
+    backbone: str = "small",
+    filters: Sequence[int] = (32, 64, 128),
+    weights: str | None = None,
+    trainable_blocks: int = 1,
+    dropout: float = 0.3,
+) -> keras.Model:
+    """Backbone -> ``cam_features`` (last conv map) -> ``cam_gap`` -> ``cam_dense`` softmax.
+
+    ``backbone="small"``: blocks of two 3x3 Conv-BN-ReLU, max-pooling between
+    blocks (not after the last, to keep the map fine). Otherwise a Keras
+    application (``vgg16``...) with ``weights`` from a local file; only its last
+    ``trainable_blocks`` blocks are trained when weights are given.
+    """
+    if num_classes < 2:
+        raise ValueError(f"Expected at least 2 classes. Received: num_classes={num_classes}.")
+    if backbone == "small":
+        filters = tuple(int(f) for f in filters)
+        check_image_size(input_size, multiple_of=2 ** (len(filters) - 1))
+        inputs = keras.Input((input_size, input_size, channels), name="image")
+        x = inputs
+        for b, f in enumerate(filters, start=1):
+            for j in (1, 2):
+                x = keras.layers.Conv2D(f, 3, padding="same", use_bias=False, name=f"block{b}_conv{j}")(x)
+                x = keras.layers.BatchNormalization(momentum=0.9, name=f"block{b}_bn{j}")(x)
+                x = keras.layers.ReLU(name=f"block{b}_relu{j}")(x)
+            if b < len(filters):
+                x = keras.layers.MaxPooling2D(name=f"block{b}_pool")(x)
+        features = x
+    elif backbone in BACKBONES:
+        base = build_backbone_extractor(backbone, input_size=input_size, weights=weights)
+        if weights is not None:
+            blocks = sorted({ly.name.split("_")[0] for ly in base.layers if ly.name.startswith("block")})
+            keep = set(blocks[-trainable_blocks:]) if trainable_blocks > 0 else set()
+            for ly in base.layers:
+                ly.trainable = ly.name.split("_")[0] in keep
+        inputs, features = base.inputs[0], base.outputs[0]
+    else:
+        raise ValueError(f"Expected backbone 'small' or one of {list(BACKBONES)}. Received: backbone={backbone!r}.")
+    features = keras.layers.Identity(name="cam_features")(features)
+    x = keras.layers.GlobalAveragePooling2D(name="cam_gap")(features)
+    x = keras.layers.Dropout(dropout, name="cam_dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="cam_dense")(x)
+    return keras.Model(inputs, outputs, name=f"cam_{backbone}")
+
+
+class CamDetector(BaseDetector):
+    """Class, probability, anomaly probability and class activation map."""
+
+    name: ClassVar[str] = "cam"
+    _fitted_attr: ClassVar[str] = "cam_model_"
+    columns: ClassVar[tuple[ScoreColumn, ...]] = (
+        ScoreColumn("cam_pred", "string", None, "predicted class"),
+        ScoreColumn("cam_prob", "float32", None, "probability of the predicted class"),
+        ScoreColumn("cam_anomaly", "float32", "high", "probability of the anomalous class"),
+        ScoreColumn("cam_map", "list<float32>", None, "class activation map, row-major"),
+        ScoreColumn("cam_peak_y", "float32", None, "row of the map's peak, fraction of height"),
+        ScoreColumn("cam_peak_x", "float32", None, "column of the map's peak, fraction of width"),
+    )
+
+    def __init__(
+        self,
+        *,
+        input_size: int = 32,
+        channels: int = 1,
+        backbone: str = "small",
+        filters: Sequence[int] = (32, 64, 128),
+        weights: str | None = None,
+        trainable_blocks: int = 1,
+        anomaly_class: str | None = None,
+        synthetic_defects: bool | None = None,
+        epochs: int = 30,
+        batch_size: int = 32,
+        learning_rate: float = 1e-3,
+        validation_fraction: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        self.input_size = input_size
+        self.channels = channels
+        self.backbone = backbone
+        self.filters = filters
+        self.weights = weights
+        self.trainable_blocks = trainable_blocks
+        self.anomaly_class = anomaly_class
+        self.synthetic_defects = synthetic_defects
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.validation_fraction = validation_fraction
+        self.seed = seed
+
+    def fit(self, images: ImageBatch, labels: Sequence[Any] | None = None, *, verbose: int = 0) -> CamDetector:
+        """Train on ``images`` with ``labels`` (any hashable; None = all normal).
+
+        Self-made defects are added as class ``__defect__`` when
+        ``synthetic_defects`` is True, or by default when fewer than two labels exist.
+        """
+        n = check_non_empty(images)
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"Expected one label per image. Received: {len(labels)} labels for {n} images.")
+        if self.epochs < 1:
+            raise ValueError(f"Expected epochs >= 1. Received: epochs={self.epochs}.")
+        seed_everything(self.seed)
+        rng = np.random.default_rng(self.seed)
+        xb = to_uint8_batch(images, self.input_size, self.channels)
+        names = ["normal"] * n if labels is None else [str(v) for v in labels]
+        classes = sorted(set(names))
+        if self.anomaly_class is not None and self.anomaly_class not in classes:
+            raise ValueError(
+                f"anomaly_class={self.anomaly_class!r} is not among the labels. Received labels: {classes}."
+            )
+        synthetic = self.synthetic_defects if self.synthetic_defects is not None else len(classes) < 2
+        if synthetic:
+            classes.append(DEFECT_CLASS)
+        if len(classes) < 2:
+            raise ValueError(f"Expected at least two classes, or synthetic_defects. Received: labels {classes}.")
+        self.classes_ = classes
+        y = np.array([classes.index(v) for v in names], dtype=np.int64)
+        train_idx, val_idx = split_validation(n, self.validation_fraction, self.seed)
+        self.model_ = build_cam_classifier(
+            num_classes=len(classes),
+            input_size=self.input_size,
+            channels=self.channels,
+            backbone=self.backbone,
+            filters=self.filters,
+            weights=self.weights,
+            trainable_blocks=self.trainable_blocks,
+        )
+        self.model_.compile(
+            optimizer=keras.optimizers.Adam(self.learning_rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        defect = len(classes) - 1
+        x_val, y_val = xb[val_idx], y[val_idx]
+        if synthetic and len(val_idx):
+            x_val = np.concatenate([x_val, make_defects(x_val, rng)])
+            y_val = np.concatenate([y_val, np.full(len(val_idx), defect)])
+        history: dict[str, list[float]] = {}
+        for epoch in range(self.epochs):
+            x_tr, y_tr = xb[train_idx], y[train_idx]
+            if synthetic:  # fresh defects every epoch: they never repeat
+                x_tr = np.concatenate([x_tr, make_defects(x_tr, rng)])
+                y_tr = np.concatenate([y_tr, np.full(len(train_idx), defect)])
+            h = self.model_.fit(
+                self._model_input(x_tr),
+                y_tr,
+                batch_size=self.batch_size,
+                shuffle=True,
+                initial_epoch=epoch,
+                epochs=epoch + 1,
+                verbose=verbose,
+                validation_data=(self._model_input(x_val), y_val) if len(x_val) else None,
+            )
+            for k, v in h.history.items():
+                history.setdefault(k, []).extend(float(a) for a in v)
+        self.history_ = history
+        self._build_cam_model()
+        calib = xb[val_idx] if len(val_idx) else xb[train_idx]
+        self._record_training(xb, self.score(calib), labels)
+        return self
+
+    @property
+    def anomaly_index_(self) -> int | None:
+        if DEFECT_CLASS in self.classes_:
+            return self.classes_.index(DEFECT_CLASS)
+        if self.anomaly_class is not None:
+            return self.classes_.index(self.anomaly_class)
+        return None
+
+    def _model_input(self, xb: np.ndarray) -> np.ndarray:
+        x = xb.astype(np.float32) / 255.0
+        return preprocess_for_backbone(self.backbone, x) if self.backbone in BACKBONES else x
+
+    def _build_cam_model(self) -> None:
+        self.cam_model_ = keras.Model(
+            self.model_.inputs[0],
+            [self.model_.get_layer("cam_features").output, self.model_.outputs[0]],
+        )
+        self.dense_weights_ = np.asarray(self.model_.get_layer("cam_dense").get_weights()[0])
+
+    @property
+    def cam_map_shape_(self) -> tuple[int, int]:
+        shape = self.model_.get_layer("cam_features").output.shape
+        return int(shape[1]), int(shape[2])
+
+    def predict_maps(self, images: ImageBatch) -> tuple[np.ndarray, np.ndarray]:
+        """-> (probabilities float32 (n, k), CAMs float32 (n, h', w', k) of every class)."""
+        self._check_fitted()
+        xb = to_uint8_batch(images, self.input_size, self.channels)
+        if len(xb) == 0:
+            h, w = self.cam_map_shape_
+            k = len(self.classes_)
+            return np.zeros((0, k), np.float32), np.zeros((0, h, w, k), np.float32)
+        feats, probs = predict_in_batches(self.cam_model_, self._model_input(xb))
+        cams = np.einsum("nhwd,dk->nhwk", feats, self.dense_weights_).astype(np.float32)
+        return probs.astype(np.float32), cams
+
+    def score(self, images: ImageBatch) -> dict[str, Any]:
+        probs, cams = self.predict_maps(images)
+        n = len(probs)
+        pred = probs.argmax(axis=1) if n else np.zeros(0, np.int64)
+        a = self.anomaly_index_
+        map_class = np.full(n, a) if a is not None else pred
+        maps = cams[np.arange(n), :, :, map_class] if n else cams[..., 0]
+        peak_y, peak_x = peak_location(maps)
+        return {
+            "cam_pred": np.array([self.classes_[i] for i in pred], dtype=object),
+            "cam_prob": probs[np.arange(n), pred] if n else np.zeros(0, np.float32),
+            "cam_anomaly": probs[:, a] if a is not None else np.full(n, np.nan, np.float32),
+            "cam_map": maps.reshape(n, maps.shape[1] * maps.shape[2]),
+            "cam_peak_y": peak_y,
+            "cam_peak_x": peak_x,
+        }
+
+    # -- persistence
+    def metadata(self) -> dict[str, Any]:
+        return super().metadata() | {
+            "classes": self.classes_,
+            "cam_map_shape": list(self.cam_map_shape_),
+            "history": self.history_,
+        }
+
+    def to_files(self) -> dict[str, bytes]:
+        self._check_fitted()
+        return {
+            "model.keras": keras_to_bytes(self.model_),
+            "meta.json": json.dumps(self.metadata(), indent=2).encode(),
+        }
+
+    @classmethod
+    def from_files(cls, files: Mapping[str, bytes]) -> CamDetector:
+        meta = cls._read_metadata(files, cls.name)
+        det = cls(**meta["params"])
+        det.model_ = keras_from_bytes(files["model.keras"])
+        det.classes_ = list(meta["classes"])
+        det.history_ = meta.get("history", {})
+        det._build_cam_model()
+        det._restore_metadata(meta)
+        return det

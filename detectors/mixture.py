@@ -1,0 +1,209 @@
+"""CNN features + scikit-learn GaussianMixture: log-likelihood of an image.
+
+Features are conv feature maps (n, h', w', d) from the trained autoencoder's
+encoder (default: no weights needed) or a Keras application backbone with
+weights from a file the user names. Two mixtures are fitted:
+
+* a *global* one on global-average-pooled features -> ``gmm_loglik``;
+* a *local* one on the feature vector of every location -> ``gmm_local_loglik``,
+  the lowest log-likelihood over an image's locations (PaDiM-like: a small defect
+  is one unlikely location, which the global average hides).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import keras
+import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.mixture import GaussianMixture
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from detectors.autoencoder import AutoencoderDetector
+from detectors.base import (
+    BaseDetector,
+    ScoreColumn,
+    keras_from_bytes,
+    keras_to_bytes,
+    predict_in_batches,
+    seed_everything,
+    sklearn_from_bytes,
+    sklearn_to_bytes,
+    split_validation,
+)
+from detectors.features import build_backbone_extractor, check_backbone, preprocess_for_backbone
+from detectors.maps import peak_location
+from detectors.preprocessing import ImageBatch, check_non_empty, to_uint8_batch
+
+_MAX_LOCAL_VECTORS = 50_000  # subsample locations so fitting stays fast and bounded
+
+
+class MixtureDetector(BaseDetector):
+    """Gaussian-mixture log-likelihood of CNN features (low = anomalous)."""
+
+    name: ClassVar[str] = "mixture"
+    _fitted_attr: ClassVar[str] = "global_"
+    columns: ClassVar[tuple[ScoreColumn, ...]] = (
+        ScoreColumn("gmm_loglik", "float64", "low", "log-likelihood of pooled features"),
+        ScoreColumn("gmm_local_loglik", "float64", "low", "lowest log-likelihood over feature-map locations"),
+        ScoreColumn("gmm_peak_y", "float32", None, "row of the least likely location, fraction of height"),
+        ScoreColumn("gmm_peak_x", "float32", None, "column of the least likely location, fraction of width"),
+    )
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "autoencoder",
+        layer: str | None = None,
+        weights: str | None = None,
+        input_size: int = 32,
+        channels: int = 1,
+        n_components: int = 4,
+        covariance_type: str = "full",
+        reg_covar: float = 1e-3,
+        pca_components: int | None = 32,
+        local: bool = True,
+        autoencoder_params: dict[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.backbone = backbone
+        self.layer = layer
+        self.weights = weights
+        self.input_size = input_size
+        self.channels = channels
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.reg_covar = reg_covar
+        self.pca_components = pca_components
+        self.local = local
+        self.autoencoder_params = autoencoder_params
+        self.seed = seed
+
+    def fit(
+        self,
+        images: ImageBatch,
+        labels: Sequence[Any] | None = None,
+        *,
+        encoder: keras.Model | None = None,
+        verbose: int = 0,
+    ) -> MixtureDetector:
+        """Fit on normal ``images``. With ``backbone="autoencoder"``, ``encoder`` is
+        the feature model of an already trained autoencoder (else one is trained)."""
+        n = check_non_empty(images)
+        check_backbone(self.backbone, ("autoencoder",))
+        if self.covariance_type not in ("full", "tied", "diag", "spherical"):
+            raise ValueError(
+                "Expected covariance_type in ['full', 'tied', 'diag', 'spherical']. "
+                f"Received: covariance_type={self.covariance_type!r}."
+            )
+        if n < self.n_components:
+            raise ValueError(f"Expected at least n_components={self.n_components} training images. Received: {n}.")
+        seed_everything(self.seed)
+        xb = to_uint8_batch(images, self.input_size, self.channels)
+        if self.backbone == "autoencoder":
+            if encoder is None:
+                ae = AutoencoderDetector(
+                    input_size=self.input_size,
+                    channels=self.channels,
+                    seed=self.seed,
+                    **(self.autoencoder_params or {}),
+                ).fit(xb, verbose=verbose)
+                encoder = ae.encoder_model()
+            self.extractor_ = encoder
+        else:
+            self.extractor_ = build_backbone_extractor(
+                self.backbone, input_size=self.input_size, layer=self.layer, weights=self.weights
+            )
+        train_idx, val_idx = split_validation(n, 0.1, self.seed)
+        fmaps = self._feature_maps(xb[train_idx])
+        pooled = fmaps.mean(axis=(1, 2))
+        self.global_ = self._mixture(pooled.shape[1], len(pooled)).fit(pooled)
+        if self.local:
+            vecs = fmaps.reshape(-1, fmaps.shape[-1])
+            if len(vecs) > _MAX_LOCAL_VECTORS:
+                rng = np.random.default_rng(self.seed)
+                vecs = vecs[rng.choice(len(vecs), _MAX_LOCAL_VECTORS, replace=False)]
+            self.local_ = self._mixture(vecs.shape[1], len(vecs)).fit(vecs)
+        calib = xb[val_idx] if len(val_idx) else xb[train_idx]
+        self._record_training(xb, self.score(calib))
+        return self
+
+    def _mixture(self, dim: int, n: int) -> Pipeline:
+        steps: list[tuple[str, Any]] = [("scale", StandardScaler())]
+        k = self.pca_components
+        if k is not None and k < dim:
+            steps.append(("pca", PCA(n_components=min(k, n), random_state=self.seed)))
+        steps.append(
+            (
+                "gmm",
+                GaussianMixture(
+                    n_components=self.n_components,
+                    covariance_type=self.covariance_type,
+                    reg_covar=self.reg_covar,
+                    random_state=self.seed,
+                ),
+            )
+        )
+        return Pipeline(steps)
+
+    def _feature_maps(self, xb: np.ndarray) -> np.ndarray:
+        x = xb.astype(np.float32) / 255.0
+        if self.backbone != "autoencoder":
+            x = preprocess_for_backbone(self.backbone, x)
+        if len(x) == 0:
+            return np.zeros((0, 1, 1, int(self.extractor_.output.shape[-1])), np.float32)
+        # float64: GaussianMixture keeps the input dtype, and float32 log-likelihoods lose digits
+        return predict_in_batches(self.extractor_, x)[0].astype(np.float64)
+
+    def score(self, images: ImageBatch) -> dict[str, np.ndarray]:
+        self._check_fitted()
+        xb = to_uint8_batch(images, self.input_size, self.channels)
+        fmaps = self._feature_maps(xb)
+        n, h, w, d = fmaps.shape
+        out: dict[str, np.ndarray] = {
+            "gmm_loglik": self.global_.score_samples(fmaps.mean(axis=(1, 2))) if n else np.zeros(0),
+        }
+        if self.local and n:
+            ll = self.local_.score_samples(fmaps.reshape(-1, d)).reshape(n, h, w)
+            out["gmm_local_loglik"] = ll.reshape(n, -1).min(axis=1)
+            out["gmm_peak_y"], out["gmm_peak_x"] = peak_location(-ll)
+        else:
+            out["gmm_local_loglik"] = np.full(n, np.nan)
+            out["gmm_peak_y"] = out["gmm_peak_x"] = np.full(n, np.nan, np.float32)
+        return out
+
+    def local_loglik_map(self, images: ImageBatch) -> np.ndarray:
+        """float64 (n, h', w'): log-likelihood of each feature-map location."""
+        self._check_fitted()
+        fmaps = self._feature_maps(to_uint8_batch(images, self.input_size, self.channels))
+        n, h, w, d = fmaps.shape
+        return self.local_.score_samples(fmaps.reshape(-1, d)).reshape(n, h, w)
+
+    # -- persistence
+    _SKLEARN_TYPES: ClassVar[tuple[str, ...]] = ()
+
+    def to_files(self) -> dict[str, bytes]:
+        self._check_fitted()
+        files = {
+            "features.keras": keras_to_bytes(self.extractor_),
+            "global.skops": sklearn_to_bytes(self.global_),
+            "meta.json": json.dumps(self.metadata(), indent=2).encode(),
+        }
+        if self.local:
+            files["local.skops"] = sklearn_to_bytes(self.local_)
+        return files
+
+    @classmethod
+    def from_files(cls, files: Mapping[str, bytes]) -> MixtureDetector:
+        meta = cls._read_metadata(files, cls.name)
+        det = cls(**meta["params"])
+        det.extractor_ = keras_from_bytes(files["features.keras"])
+        det.global_ = sklearn_from_bytes(files["global.skops"], cls._SKLEARN_TYPES)
+        if det.local:
+            det.local_ = sklearn_from_bytes(files["local.skops"], cls._SKLEARN_TYPES)
+        det._restore_metadata(meta)
+        return det

@@ -1,0 +1,81 @@
+"""``imgscan <verb>`` / ``python -m jobs <verb>``: the command line.
+
+Each verb lives in its own module exposing ``add_parser(subparsers)`` (flags ->
+a frozen config, validated once) and ``run(args) -> int``. Bad input ends in a
+one-line message and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+#: verb -> module under jobs/ that implements it
+VERBS: dict[str, str] = {
+    "train": "jobs.train_cli",
+    "demo": "jobs.demo",
+}
+
+
+class UsageError(Exception):
+    """Bad flags or input: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of usage + error
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def parse_storage_options(text: str | None) -> dict[str, Any]:
+    """``--storage-options '{"key": ...}'`` -> dict passed straight to fsspec."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"--storage-options must be a JSON object: {e}") from e
+    if not isinstance(value, dict):
+        raise UsageError(f"--storage-options must be a JSON object. Received: {text!r}")
+    return value
+
+
+def add_storage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-options",
+        metavar="JSON",
+        help="JSON object passed to fsspec for every URI (e.g. '{\"anon\": true}'); credentials and "
+        "endpoints otherwise come from the environment (AWS_PROFILE, AWS_ENDPOINT_URL, ...)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="imgscan", description="Find the images that do not belong in a large archive.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+    for module in VERBS.values():
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    from jobs.errors import USER_ERRORS
+
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.run(args))
+    except UsageError as e:
+        print(f"imgscan: error: {e}", file=sys.stderr)
+        return 2
+    except USER_ERRORS as e:
+        print(f"imgscan: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("imgscan: interrupted", file=sys.stderr)
+        return 130

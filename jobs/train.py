@@ -1,0 +1,250 @@
+"""``imgscan train``: fit the detectors on a folder of images, write one bundle.
+
+The autoencoder, the mixture and the HOG baseline learn from the images of the
+normal label (all images when no label is named); the CAM classifier learns
+every label (or normal vs self-made defects when there is only one).
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from detectors import DETECTORS, AutoencoderDetector, BaseDetector, CamDetector, MixtureDetector, OcsvmDetector
+from detectors.preprocessing import resize_uint8
+from jobs.bundle import ModelBundle
+from jobs.images import decode_image
+from jobs.sources import Shard, SourceError, list_shards, read_shard
+from jobs.storage import StorageOptions, join, write_bytes, write_json
+
+DEFAULT_DETECTORS = ("autoencoder", "mixture", "cam", "ocsvm")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    source: str
+    out: str
+    detectors: tuple[str, ...] = DEFAULT_DETECTORS
+    image_size: int = 32
+    channels: int | None = None  # None: 3 if any image has colour, else 1
+    epochs: int = 30
+    normal_label: str | None = None
+    anomaly_label: str | None = None
+    variational: bool = False
+    backbone: str = "autoencoder"  # features for the mixture
+    cam_backbone: str = "small"
+    weights: str | None = None  # local path of backbone weights (fetched by the CLI)
+    seed: int = 0
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [d for d in self.detectors if d not in DETECTORS]
+        if unknown or not self.detectors:
+            raise ValueError(f"Unknown detectors {unknown}; choose from {list(DETECTORS)}.")
+        if self.image_size < 16 or self.image_size % 4:
+            raise ValueError(f"--image-size must be a multiple of 4 and >= 16. Received: {self.image_size}.")
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1. Received: {self.epochs}.")
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"--channels must be 1 or 3. Received: {self.channels}.")
+
+
+@dataclass
+class TrainingSet:
+    images: list[np.ndarray]  # uint8 (s, s, c) each
+    labels: list[str | None]
+    ids: list[str]
+    skipped: list[dict[str, str | None]]
+    channels: int
+
+
+def log(msg: str) -> None:
+    print(f"[imgscan train] {msg}", file=sys.stderr, flush=True)
+
+
+def check_labels(shards: Sequence[Shard], cfg: TrainConfig) -> None:
+    """Fail before reading anything when a named label is absent from a folder source."""
+    if not shards or any(s.kind != "files" for s in shards):
+        return  # labels of tar/Parquet sources are known only once read
+    known = sorted({lbl for s in shards for lbl in s.labels if lbl is not None})
+    for flag, value in (("--normal-label", cfg.normal_label), ("--anomaly-label", cfg.anomaly_label)):
+        if value is not None and value not in known:
+            raise ValueError(f"{flag} {value!r} is not a label of {cfg.source}; labels: {known or 'none'}.")
+
+
+def load_training_set(
+    shards: Sequence[Shard],
+    source: str,
+    image_size: int,
+    channels: int | None,
+    storage_options: StorageOptions | None = None,
+) -> TrainingSet:
+    """Read and decode every image of a source, resized to ``image_size``; the
+    unreadable ones are listed in ``skipped`` with their reason."""
+    raw: list[tuple[np.ndarray, str | None, str]] = []
+    skipped: list[dict[str, str | None]] = []
+    t0 = time.monotonic()
+    for shard in shards:
+        for rec in read_shard(shard, storage_options):
+            dec = decode_image(rec.data) if rec.error is None else None
+            if dec is None or dec.pixels is None:
+                skipped.append({"image_id": rec.image_id, "reason": rec.error or (dec.error if dec else "")})
+                continue
+            raw.append((dec.pixels, rec.label, rec.image_id))
+        log(f"read {len(raw) + len(skipped)} images ({len(skipped)} unreadable), {time.monotonic() - t0:.1f}s")
+    if not raw:
+        raise SourceError(f"Source {source} has no readable image ({len(skipped)} unreadable).")
+    if channels is None:
+        channels = 3 if any(_has_colour(p) for p, _, _ in raw) else 1
+    images = [resize_uint8(p, image_size, channels) for p, _, _ in raw]
+    return TrainingSet(images, [lbl for _, lbl, _ in raw], [i for _, _, i in raw], skipped, channels)
+
+
+def _has_colour(p: np.ndarray) -> bool:
+    return p.shape[2] == 3 and not (np.array_equal(p[..., 0], p[..., 1]) and np.array_equal(p[..., 1], p[..., 2]))
+
+
+def train(cfg: TrainConfig) -> ModelBundle:
+    """Run the training job; returns the saved bundle."""
+    so = cfg.storage_options
+    shards = list_shards(cfg.source, so)
+    check_labels(shards, cfg)
+    ts = load_training_set(shards, cfg.source, cfg.image_size, cfg.channels, so)
+    labels = ts.labels
+    known = sorted({lbl for lbl in labels if lbl is not None})
+    if cfg.normal_label is not None and cfg.normal_label not in known:
+        raise ValueError(f"--normal-label {cfg.normal_label!r} is not a label of {cfg.source}; labels: {known}.")
+    if cfg.anomaly_label is not None and cfg.anomaly_label not in known:
+        raise ValueError(f"--anomaly-label {cfg.anomaly_label!r} is not a label of {cfg.source}; labels: {known}.")
+    x_all = np.stack(ts.images)
+    normal_mask = np.array(
+        [(cfg.normal_label is None and lbl != cfg.anomaly_label) or lbl == cfg.normal_label for lbl in labels]
+    )
+    x_normal = x_all[normal_mask]
+    log(
+        f"{len(x_all)} images, {len(x_normal)} normal, labels {known or 'none'}, "
+        f"{cfg.image_size}px x {ts.channels} channel(s)"
+    )
+    common: dict[str, Any] = {"input_size": cfg.image_size, "channels": ts.channels, "seed": cfg.seed}
+    fitted: dict[str, BaseDetector] = {}
+    verbose = 2
+    for name in DETECTORS:  # the registry's order: the mixture reuses the autoencoder
+        if name not in cfg.detectors:
+            continue
+        t0 = time.monotonic()
+        log(f"training {name} ...")
+        det: BaseDetector
+        if name == "autoencoder":
+            det = AutoencoderDetector(**common, epochs=cfg.epochs, variational=cfg.variational)
+            det.fit(x_normal, verbose=verbose)
+        elif name == "mixture":
+            det = MixtureDetector(**common, backbone=cfg.backbone, weights=cfg.weights)
+            ae = fitted.get("autoencoder")
+            encoder = (
+                ae.encoder_model() if isinstance(ae, AutoencoderDetector) and cfg.backbone == "autoencoder" else None
+            )
+            det.fit(x_normal, encoder=encoder, verbose=verbose)
+        elif name == "cam":
+            have_labels = len(known) >= 2 and all(lbl is not None for lbl in labels)
+            det = CamDetector(
+                **common,
+                epochs=cfg.epochs,
+                backbone=cfg.cam_backbone,
+                weights=cfg.weights if cfg.cam_backbone != "small" else None,
+                anomaly_class=cfg.anomaly_label if have_labels else None,
+            )
+            if have_labels:
+                det.fit(x_all, [str(lbl) for lbl in labels], verbose=verbose)
+            else:
+                det.fit(x_normal, verbose=verbose)
+        else:
+            det = OcsvmDetector(input_size=cfg.image_size, seed=cfg.seed).fit(x_normal)
+        fitted[name] = det
+        log(f"trained {name} in {time.monotonic() - t0:.1f}s")
+    from detectors.base import fingerprint
+
+    bundle = ModelBundle(
+        detectors=fitted,
+        input_size=cfg.image_size,
+        channels=ts.channels,
+        training={
+            "source": cfg.source,
+            "fingerprint": fingerprint(ts.images, labels),
+            "n_images": len(ts.images),
+            "n_normal": int(normal_mask.sum()),
+            "n_skipped": len(ts.skipped),
+            "labels": known,
+            "normal_label": cfg.normal_label,
+            "anomaly_label": cfg.anomaly_label,
+            "epochs": cfg.epochs,
+        },
+    )
+    version = bundle.save(cfg.out, so)
+    write_training_report(cfg.out, bundle, x_normal, ts.skipped, so)
+    log(
+        f"wrote bundle {version} to {cfg.out} ({len(ts.skipped)} unreadable images skipped"
+        f"{', listed in training/skipped.json' if ts.skipped else ''})"
+    )
+    return bundle
+
+
+def write_training_report(
+    out: str,
+    bundle: ModelBundle,
+    x_normal: np.ndarray,
+    skipped: Sequence[dict[str, str | None]],
+    storage_options: StorageOptions | None,
+) -> None:
+    """What a person checks before trusting a model: curves and reconstructions."""
+    curves = {
+        name: getattr(det, "history_", {}) for name, det in bundle.detectors.items() if getattr(det, "history_", None)
+    }
+    write_json(join(out, "training", "curves.json"), curves, storage_options)
+    write_json(join(out, "training", "skipped.json"), list(skipped), storage_options)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if curves:
+        fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+        for ax, (name, hist) in zip(axes[0], curves.items(), strict=True):
+            for key in ("loss", "val_loss"):
+                if key in hist:
+                    ax.plot(range(1, len(hist[key]) + 1), hist[key], label=key)
+            ax.set_title(f"{name}: loss per epoch")
+            ax.set_xlabel("epoch")
+            ax.set_yscale("log")
+            ax.legend()
+        write_bytes(join(out, "training", "curves.png"), _png(fig, plt), storage_options)
+    ae = bundle.detectors.get("autoencoder")
+    if isinstance(ae, AutoencoderDetector):
+        k = min(8, len(x_normal))
+        rng = np.random.default_rng(0)
+        sample = x_normal[rng.choice(len(x_normal), k, replace=False)]
+        recon = ae.reconstruct(sample)
+        fig, axes = plt.subplots(2, k, figsize=(1.3 * k, 2.8), squeeze=False)
+        cmap = "gray" if sample.shape[-1] == 1 else None
+        for i in range(k):
+            axes[0][i].imshow(sample[i].squeeze(), cmap=cmap, vmin=0, vmax=255)
+            axes[1][i].imshow(recon[i].squeeze(), cmap=cmap, vmin=0, vmax=1)
+            axes[0][i].axis("off")
+            axes[1][i].axis("off")
+        axes[0][0].set_title("original", fontsize=8, loc="left")
+        axes[1][0].set_title("reconstruction", fontsize=8, loc="left")
+        write_bytes(join(out, "training", "reconstructions.png"), _png(fig, plt), storage_options)
+    write_json(join(out, "training", "calibration.json"), bundle.calibration, storage_options)
+
+
+def _png(fig: Any, plt: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

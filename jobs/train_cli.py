@@ -1,0 +1,78 @@
+"""Flags of ``imgscan train``."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+from detectors import DETECTORS
+from jobs.storage import read_bytes
+from jobs.train import DEFAULT_DETECTORS, TrainConfig, train
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from jobs.cli import add_storage_options
+
+    p = sub.add_parser(
+        "train",
+        help="train the detectors on a folder of images and write a model bundle",
+        description="Train the detectors on SRC (class subfolders give labels) and write one "
+        "model bundle under MODEL_URI.",
+    )
+    p.add_argument(
+        "--source", required=True, metavar="SRC", help="folder/prefix of images, tar or Parquet shards (any fsspec URI)"
+    )
+    p.add_argument("--out", required=True, metavar="MODEL_URI", help="where to write the bundle")
+    p.add_argument(
+        "--detectors",
+        nargs="+",
+        default=list(DEFAULT_DETECTORS),
+        choices=list(DETECTORS),
+        metavar="NAME",
+        help=f"detectors to train (default: all of {', '.join(DETECTORS)})",
+    )
+    p.add_argument("--image-size", type=int, default=32, metavar="N", help="model input size in pixels (default 32)")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="1 or 3 (default: 3 if any image has colour)")
+    p.add_argument("--epochs", type=int, default=30, metavar="N", help="training epochs (default 30)")
+    p.add_argument("--normal-label", metavar="X", help="train the one-class detectors on this label only")
+    p.add_argument("--anomaly-label", metavar="X", help="a label that marks known anomalies (the CAM anomaly class)")
+    p.add_argument("--variational", action="store_true", help="train a VAE instead of a plain autoencoder")
+    p.add_argument(
+        "--backbone", default="autoencoder", help="mixture features: 'autoencoder' (default) or vgg16, resnet50, ..."
+    )
+    p.add_argument("--cam-backbone", default="small", help="CAM classifier backbone: 'small' (default) or vgg16, ...")
+    p.add_argument("--weights", metavar="URI", help="backbone weights file (.weights.h5); never downloaded")
+    p.add_argument("--seed", type=int, default=0)
+    add_storage_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from jobs.cli import parse_storage_options
+
+    so = parse_storage_options(args.storage_options)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = None
+        if args.weights:  # fetched once to local disk: Keras loads weights from a path
+            weights = f"{tmp}/{args.weights.rstrip('/').rsplit('/', 1)[-1]}"
+            with open(weights, "wb") as f:
+                f.write(read_bytes(args.weights, so))
+        cfg = TrainConfig(
+            source=args.source,
+            out=args.out,
+            detectors=tuple(args.detectors),
+            image_size=args.image_size,
+            channels=args.channels,
+            epochs=args.epochs,
+            normal_label=args.normal_label,
+            anomaly_label=args.anomaly_label,
+            variational=args.variational,
+            backbone=args.backbone,
+            cam_backbone=args.cam_backbone,
+            weights=weights,
+            seed=args.seed,
+            storage_options=so,
+        )
+        bundle = train(cfg)
+    print(f"trained {', '.join(bundle.detectors)} -> {args.out} (version {bundle.version})")
+    return 0

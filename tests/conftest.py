@@ -1,0 +1,75 @@
+"""Shared fixtures: real digits, a real S3 API (moto server on 127.0.0.1), memory://."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def digits16() -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 real digits (sklearn.datasets.load_digits) at 16x16, uint8, with labels."""
+    from jobs.demo_data import digits
+
+    return digits(16)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """One moto S3 server for the session (as s3fs's own tests do): its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: str) -> dict[str, Any]:
+    """A fresh bucket on the moto server: {"root": "s3://bucket", "storage_options": {...}}."""
+    import boto3
+    import s3fs
+
+    bucket = f"imgscan-test-{uuid.uuid4().hex[:12]}"
+    boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket=bucket)
+    s3fs.S3FileSystem.clear_instance_cache()
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_server}}
+    return {"root": f"s3://{bucket}", "storage_options": options}
+
+
+@pytest.fixture
+def memory_root() -> Iterator[str]:
+    """A unique memory:// prefix, emptied afterwards."""
+    import fsspec
+
+    root = f"memory://imgscan-{uuid.uuid4().hex[:8]}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    if fs.exists(root):
+        fs.rm(root, recursive=True)

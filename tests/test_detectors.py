@@ -1,0 +1,166 @@
+"""The shared contract every detector keeps (one test, every estimator), on real digits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from detectors import DETECTORS, AutoencoderDetector, BaseDetector, CamDetector, MixtureDetector, NotFittedError
+from detectors.cam import build_cam_classifier
+from jobs.bundle import ModelBundle
+
+pytestmark = pytest.mark.slow
+
+FAST: dict[str, dict[str, Any]] = {
+    "autoencoder": {"input_size": 16, "epochs": 20, "filters": (8, 16), "latent_dim": 8},
+    "mixture": {"input_size": 16, "n_components": 2, "autoencoder_params": {"epochs": 20, "filters": (8, 16)}},
+    "cam": {"input_size": 16, "epochs": 2, "filters": (8, 16)},
+    "ocsvm": {"input_size": 16},
+}
+
+
+@pytest.fixture(scope="module")
+def fitted(digits16: tuple[np.ndarray, np.ndarray]) -> dict[str, BaseDetector]:
+    images, labels = digits16
+    normal = images[labels == 0][:80]
+    return {name: cls(**FAST[name]).fit(normal) for name, cls in DETECTORS.items()}  # type: ignore[call-arg]
+
+
+def _as_float(v: Any) -> np.ndarray:
+    arr = np.asarray(v)
+    if arr.dtype == object:
+        return np.array([hash(x) for x in arr], dtype=np.float64)
+    return arr.astype(np.float64)
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_scores_have_declared_columns_shapes_and_dtypes(
+    name: str, fitted: dict[str, BaseDetector], digits16: Any
+) -> None:
+    images, _ = digits16
+    det = fitted[name]
+    batch = images[:7]
+    scores = det.score(batch)
+    assert set(scores) == {c.name for c in det.columns}
+    for col in det.columns:
+        v = scores[col.name]
+        assert len(v) == 7, col.name
+        if col.dtype == "list<float32>":
+            assert np.asarray(v).ndim == 2 and np.asarray(v).dtype == np.float32
+        elif col.dtype == "string":
+            assert all(isinstance(x, str) for x in v)
+        else:
+            assert np.asarray(v).dtype == np.dtype(col.dtype), (col.name, np.asarray(v).dtype)
+    # an empty batch gives empty columns, not an error
+    assert all(len(v) == 0 for v in det.score(images[:0]).values())
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_accepts_any_size_and_colour(name: str, fitted: dict[str, BaseDetector], digits16: Any) -> None:
+    images, _ = digits16
+    rgb_big = np.repeat(np.kron(images[0], np.ones((3, 3), np.uint8))[:, :, None], 3, axis=2)  # 48x48x3
+    mixed = [images[0], rgb_big, np.dstack([rgb_big, np.full(rgb_big.shape[:2], 255, np.uint8)])]
+    scores = fitted[name].score(mixed)
+    assert all(len(v) == 3 for v in scores.values())
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+@pytest.mark.parametrize("store", ["memory", "s3"])
+def test_round_trip_through_storage_gives_same_scores(
+    name: str, store: str, fitted: dict[str, BaseDetector], digits16: Any, memory_root: str, request: Any
+) -> None:
+    images, _ = digits16
+    if store == "memory":
+        root, so = memory_root, None
+    else:
+        s3 = request.getfixturevalue("s3")
+        root, so = s3["root"], s3["storage_options"]
+    det = fitted[name]
+    bundle = ModelBundle({name: det}, input_size=16, channels=1)
+    bundle.save(f"{root}/model", so)
+    loaded = ModelBundle.load(f"{root}/model", so)
+    assert loaded.version == bundle.version
+    again = loaded.detectors[name]
+    assert again.calibration_ == det.calibration_ and again.fingerprint_ == det.fingerprint_
+    a, b = det.score(images[100:140]), again.score(images[100:140])
+    for col in a:
+        np.testing.assert_allclose(_as_float(a[col]), _as_float(b[col]), rtol=1e-5, atol=1e-6, err_msg=col)
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_calibration_and_metadata_recorded(name: str, fitted: dict[str, BaseDetector]) -> None:
+    meta = fitted[name].metadata()
+    assert len(meta["fingerprint"]) == 64 and meta["n_train"] == 80
+    scored = [c.name for c in fitted[name].columns if c.direction]
+    stats = meta["calibration"][scored[0]]
+    assert stats["n"] > 0 and np.isfinite(stats["mean"]) and "0.999" in stats["quantiles"]
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_empty_training_set_is_a_clear_error(name: str) -> None:
+    with pytest.raises(ValueError, match="at least one image"):
+        DETECTORS[name](**FAST[name]).fit(np.zeros((0, 16, 16), np.uint8))  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_unfitted_detector_says_so(name: str) -> None:
+    with pytest.raises(NotFittedError, match="not fitted"):
+        DETECTORS[name]().score(np.zeros((1, 16, 16), np.uint8))
+
+
+def test_bad_image_size_is_a_clear_error(digits16: Any) -> None:
+    images, _ = digits16
+    with pytest.raises(ValueError, match=r"multiple of 4\. Received: image_size=30"):
+        AutoencoderDetector(input_size=30, filters=(8, 16)).fit(images[:20])
+    with pytest.raises(ValueError, match="Received: image_size=6"):
+        CamDetector(input_size=6).fit(images[:20])
+    with pytest.raises(ValueError, match="Expected uint8"):
+        AutoencoderDetector(input_size=16).fit(images[:20].astype(np.float32))
+    with pytest.raises(ValueError, match="backbone"):
+        MixtureDetector(backbone="alexnet").fit(images[:20])
+
+
+def test_anomalies_score_worse_than_normal_digits(fitted: dict[str, BaseDetector], digits16: Any) -> None:
+    """Trained on zeros: held-out zeros look normal, noise images do not."""
+    images, labels = digits16
+    held_out = images[labels == 0][80:]
+    noise = np.random.default_rng(0).integers(0, 256, size=(20, 16, 16), dtype=np.uint8)
+    for name, col in [("autoencoder", "recon_error"), ("mixture", "gmm_loglik"), ("ocsvm", "ocsvm_score")]:
+        det = fitted[name]
+        normal, odd = det.score(held_out)[col], det.score(noise)[col]
+        if det.score_columns[col].direction == "low":
+            normal, odd = -normal, -odd
+        assert np.median(odd) > np.quantile(normal, 0.9), name
+
+
+def test_vae_adds_kl_column(digits16: Any) -> None:
+    images, labels = digits16
+    det = AutoencoderDetector(input_size=16, filters=(8, 16), latent_dim=4, epochs=2, variational=True)
+    det.fit(images[labels == 1][:60])
+    kl = det.score(images[:5])["ae_kl"]
+    assert kl.shape == (5,) and np.all(np.isfinite(kl)) and np.all(kl >= 0)
+    again = AutoencoderDetector.from_files(det.to_files())
+    np.testing.assert_allclose(again.score(images[:5])["recon_error"], det.score(images[:5])["recon_error"], rtol=1e-5)
+
+
+def test_cam_learns_labels_and_maps_point_at_the_evidence(digits16: Any) -> None:
+    images, labels = digits16
+    mask = np.isin(labels, [0, 1])
+    det = CamDetector(input_size=16, epochs=4, filters=(8, 16)).fit(images[mask][:200], labels[mask][:200])
+    assert det.classes_ == ["0", "1"] and det.anomaly_index_ is None
+    s = det.score(images[mask][200:260])
+    acc = np.mean(s["cam_pred"] == labels[mask][200:260].astype(str))
+    assert acc > 0.9
+    assert np.all(np.isnan(s["cam_anomaly"]))
+    assert s["cam_map"].shape == (60, 8 * 8)  # 16 px / one pooling
+    assert np.all((s["cam_peak_y"] > 0) & (s["cam_peak_y"] < 1))
+
+
+def test_cam_classifier_layers_are_named() -> None:
+    model = build_cam_classifier(num_classes=3, input_size=16, filters=(8, 16))
+    for name in ("block1_conv1", "block2_conv2", "cam_features", "cam_gap", "cam_dense"):
+        assert model.get_layer(name) is not None
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        build_cam_classifier(num_classes=1)
