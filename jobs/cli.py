@@ -1,8 +1,10 @@
 """``imgscan <verb>`` / ``python -m jobs <verb>``: the command line.
 
 Each verb lives in its own module exposing ``add_parser(subparsers)`` (flags ->
-a frozen config, validated once) and ``run(args) -> int``. Bad input ends in a
-one-line message and a non-zero exit, never a traceback.
+a frozen config, validated once) and ``run(args) -> int``; the modules import
+TensorFlow/Ray only inside ``run`` so that help and flag errors answer at once.
+Bad input ends in a one-line message and a non-zero exit, never a traceback
+(``IMGSCAN_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"imgscan: error: {e}", file=sys.stderr)
         return 2
     except USER_ERRORS as e:
+        if os.environ.get("IMGSCAN_DEBUG"):
+            raise  # the full traceback, for bug reports
         print(f"imgscan: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -12,9 +12,6 @@ import os
 import sys
 import time
 
-from jobs.demo_data import build_demo_archive
-from jobs.train import TrainConfig, train
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="build a demo archive from the shipped digits and run the pipeline on it")
@@ -26,6 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jobs.demo_data import build_demo_archive
+    from jobs.train import TrainConfig, train
+
     t0 = time.monotonic()
     root = os.path.abspath(args.workdir)
     archive = build_demo_archive(os.path.join(root, "archive"))

@@ -1,18 +1,11 @@
-"""The exceptions that mean "the input is wrong", reported as one line."""
+"""The exceptions that mean "the input is wrong", reported as one line.
+
+Kept free of heavy imports (no TensorFlow) so the command line answers fast;
+every domain error below subclasses ValueError or OSError.
+"""
 
 from __future__ import annotations
 
-from detectors.base import NotFittedError
-from jobs.bundle import BundleError
-from jobs.sources import SourceError
-from jobs.storage import StorageError
-
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    SourceError,
-    BundleError,
-    StorageError,
-    NotFittedError,
-    ValueError,
-    FileNotFoundError,
-    PermissionError,
-)
+# SourceError, BundleError, NotFittedError and the detectors' argument errors are
+# ValueErrors; StorageError is an OSError.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)

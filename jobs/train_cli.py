@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from detectors import DETECTORS
-from jobs.storage import read_bytes
-from jobs.train import DEFAULT_DETECTORS, TrainConfig, train
+from detectors import DETECTOR_NAMES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,10 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--detectors",
         nargs="+",
-        default=list(DEFAULT_DETECTORS),
-        choices=list(DETECTORS),
+        default=list(DETECTOR_NAMES),
+        choices=list(DETECTOR_NAMES),
         metavar="NAME",
-        help=f"detectors to train (default: all of {', '.join(DETECTORS)})",
+        help=f"detectors to train (default: all of {', '.join(DETECTOR_NAMES)})",
     )
     p.add_argument("--image-size", type=int, default=32, metavar="N", help="model input size in pixels (default 32)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="1 or 3 (default: 3 if any image has colour)")
@@ -49,6 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from jobs.cli import parse_storage_options
+    from jobs.storage import read_bytes
+    from jobs.train import TrainConfig, train
 
     so = parse_storage_options(args.storage_options)
     with tempfile.TemporaryDirectory() as tmp:
