@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import itertools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -83,7 +84,7 @@ def write_run(
 
 def split(rows: Sequence[dict[str, Any]], n_parts: int) -> list[list[dict[str, Any]]]:
     cuts = np.linspace(0, len(rows), n_parts + 1).astype(int)
-    return [list(rows[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    return [list(rows[a:b]) for a, b in itertools.pairwise(cuts)]
 
 
 def valid(rows: Sequence[dict[str, Any]], col: str) -> tuple[np.ndarray, list[str]]:

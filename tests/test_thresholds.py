@@ -9,8 +9,8 @@ import pytest
 
 from detectors.base import calibration_stats
 from jobs.thresholds import (
-    Rule,
     RankSearch,
+    Rule,
     TailBuffer,
     ThresholdError,
     fit_threshold,
@@ -169,7 +169,7 @@ def test_calibrated_refuses_without_calibration() -> None:
     with pytest.raises(ThresholdError, match="no calibration statistics for gmm_loglik"):
         fit_threshold("gmm_loglik", x, "calibrated", "low", calibration={})
     cal = {"gmm_loglik": calibration_stats(x)}
-    with pytest.raises(ThresholdError, match="not 0.9"):
+    with pytest.raises(ThresholdError, match=r"not 0\.9"):
         fit_threshold("gmm_loglik", x, "calibrated:0.9", "high", calibration=cal)
 
 
