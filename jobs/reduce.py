@@ -24,7 +24,7 @@ import math
 import posixpath
 import sys
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,7 +163,12 @@ def _strings(arr: pa.Array) -> pa.Array:
 
 def ok_mask(batch: pa.RecordBatch) -> np.ndarray:
     """bool (n,): status == "ok" (error rows are never used in a threshold)."""
-    eq = pc.equal(_strings(batch.column("status")), "ok")
+    status = batch.column("status")
+    if pa.types.is_dictionary(status.type) and status.null_count == 0:
+        # compare the small dictionary once, then look the indices up (no string per row)
+        hit = np.asarray(pc.equal(status.dictionary, "ok").to_numpy(zero_copy_only=False), dtype=bool)
+        return hit[status.indices.to_numpy()] if len(hit) else np.zeros(len(status), bool)
+    eq = pc.equal(_strings(status), "ok")
     return np.asarray(pc.fill_null(eq, False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
@@ -262,9 +267,16 @@ def reduce(cfg: ReduceConfig) -> dict[str, Any]:
         columns[s] = _Column(s, SCORE_DIRECTIONS[s], is_explicit, fitter)
 
     mismatch_on = explicit.get(MISMATCH, Rule("f1")) is not None and {"cam_pred", "label"} <= run.columns
-    stats = _first_pass(run, columns, cfg, mismatch_on)
+    stats = _RunStats()
+    extra = ["shard", "error", "label", "model_version", "run_id", *(["cam_pred"] if mismatch_on else [])]
+    first_pass(
+        run,
+        {n: c.fitter for n, c in columns.items()},
+        on_batch=lambda batch, ok, values, codes: _count(stats, columns, batch, ok, values, codes, mismatch_on),
+        columns=extra,
+        anomaly_label=cfg.anomaly_label,
+    )
     _check_one_model(stats, run)
-
     skipped: dict[str, str] = {}
     for c in list(columns.values()):
         if c.fitter.moments.n == 0:
@@ -274,20 +286,10 @@ def reduce(cfg: ReduceConfig) -> dict[str, Any]:
                 )
             skipped[c.name] = "no valid scores in this run (detector absent from the model)"
             del columns[c.name]
-            continue
-        c.fitter.end_pass()
-    while pending := [c for c in columns.values() if not c.fitter.done]:
-        log(f"exact quantiles: one more pass for {[c.name for c in pending]}")
-        for batch in run.batches(["status", *(c.name for c in pending)]):
-            ok = ok_mask(batch)
-            for c in pending:
-                v = score_values(batch, c.name)
-                c.fitter.feed(v[ok & np.isfinite(v)])
-        for c in pending:
-            c.fitter.end_pass()
-    for c in columns.values():
-        c.threshold = c.fitter.result()
-        log(f"{c.name}: {c.threshold.rule} -> {c.threshold.value:.6g} ({c.direction} is anomalous, n={c.threshold.n})")
+    thresholds = finish_thresholds(run, {n: c.fitter for n, c in columns.items()})
+    for name, c in columns.items():
+        c.threshold = thresholds[name]
+        log(f"{name}: {c.threshold.rule} -> {c.threshold.value:.6g} ({c.direction} is anomalous, n={c.threshold.n})")
 
     mismatch = _mismatch_classes(facts, stats, mismatch_on)
     flagged = _flag_pass(run, columns, cfg, mismatch, stats)
@@ -322,40 +324,87 @@ def _counts(arr: pa.Array) -> Counter[str]:
     return Counter({str(v): int(n) for v, n in zip(vc.field(0).to_pylist(), vc.field(1).to_pylist(), strict=True)})
 
 
-def _first_pass(run: RunResults, columns: dict[str, _Column], cfg: ReduceConfig, mismatch_on: bool) -> _RunStats:
-    st = _RunStats()
-    extra = ["shard", "error", "label", "model_version", "run_id", *(["cam_pred"] if mismatch_on else [])]
-    for batch in run.batches(["status", *extra, *columns]):
-        st.rows += batch.num_rows
+OnBatch = Callable[[pa.RecordBatch, np.ndarray, dict[str, np.ndarray], np.ndarray], None]
+
+
+def first_pass(
+    run: RunResults,
+    fitters: Mapping[str, ThresholdFitter],
+    *,
+    on_batch: OnBatch | None = None,
+    columns: Sequence[str] = (),
+    anomaly_label: str = "anomaly",
+) -> None:
+    """Stream status, labels and the score columns of ``fitters`` once, feeding
+    each fitter the valid (status "ok", finite) scores of its column.
+
+    ``on_batch(batch, ok, values, codes)`` sees every batch too (``columns`` are
+    read for it): ok bool (n,), values column -> float64 (n,) with NaN for null,
+    codes int8 (n,) from ``label_codes``.
+    """
+    want_labels = on_batch is not None or any(f.rule.kind == "f1" for f in fitters.values())
+    read = ["status", *(["label"] if want_labels else []), *columns, *fitters]
+    for batch in run.batches(read):
         ok = ok_mask(batch)
-        st.ok += int(ok.sum())
-        st.status += _counts(batch.column("status"))
-        if "shard" in batch.schema.names:
-            st.shard_rows += _counts(batch.column("shard"))
-            if not ok.all():
-                bad = pa.array(~ok)
-                st.shard_errors += _counts(batch.column("shard").filter(bad))
-                if "error" in batch.schema.names:
-                    st.reasons += _counts(batch.column("error").filter(bad).drop_null())
-        for name, into in (("model_version", st.versions), ("run_id", None)):
-            if name in batch.schema.names:
-                counts = _counts(batch.column(name))
-                if into is None:
-                    st.run_ids.update(counts)
-                else:
-                    into.update(counts)
-        codes = _codes(batch, cfg.anomaly_label)
-        st.n_labelled += int((ok & (codes >= 0)).sum())
-        st.n_anomalies += int((ok & (codes == 1)).sum())
-        if mismatch_on:
-            st.predictions.update(str(p) for p in pc.unique(batch.column("cam_pred").drop_null()).to_pylist())
-        for c in columns.values():
-            v = score_values(batch, c.name)
-            valid = ok & np.isfinite(v)
-            c.n_missing += int(ok.sum() - valid.sum())
-            c.fitter.feed(v[valid], codes[valid])
-            c.sample.feed(v[valid], codes[valid])
-    return st
+        codes = _codes(batch, anomaly_label) if want_labels else np.full(batch.num_rows, -1, np.int8)
+        values = {name: score_values(batch, name) for name in fitters}
+        for name, fitter in fitters.items():
+            valid = ok & np.isfinite(values[name])
+            fitter.feed(values[name][valid], codes[valid])
+        if on_batch is not None:
+            on_batch(batch, ok, values, codes)
+
+
+def finish_thresholds(run: RunResults, fitters: Mapping[str, ThresholdFitter]) -> dict[str, Threshold]:
+    """After ``first_pass``: the refusals, then as many more passes as exact
+    quantiles in the middle (IQR) need, over their columns only."""
+    for fitter in fitters.values():
+        fitter.end_pass()
+    while pending := {n: f for n, f in fitters.items() if not f.done}:
+        log(f"exact quantiles: one more pass over {list(pending)}")
+        for batch in run.batches(["status", *pending]):
+            ok = ok_mask(batch)
+            for name, fitter in pending.items():
+                v = score_values(batch, name)
+                fitter.feed(v[ok & np.isfinite(v)])
+        for fitter in pending.values():
+            fitter.end_pass()
+    return {name: f.result() for name, f in fitters.items()}
+
+
+def _count(
+    st: _RunStats,
+    columns: Mapping[str, _Column],
+    batch: pa.RecordBatch,
+    ok: np.ndarray,
+    values: Mapping[str, np.ndarray],
+    codes: np.ndarray,
+    mismatch_on: bool,
+) -> None:
+    """The run's counts from one batch of the first pass."""
+    st.rows += batch.num_rows
+    st.ok += int(ok.sum())
+    st.status += _counts(batch.column("status"))
+    names = batch.schema.names
+    if "shard" in names:
+        st.shard_rows += _counts(batch.column("shard"))
+        if not ok.all():
+            bad = pa.array(~ok)
+            st.shard_errors += _counts(batch.column("shard").filter(bad))
+            if "error" in names:
+                st.reasons += _counts(batch.column("error").filter(bad).drop_null())
+    if "model_version" in names:
+        st.versions += _counts(batch.column("model_version"))
+    if "run_id" in names:
+        st.run_ids.update(_counts(batch.column("run_id")))
+    st.n_labelled += int((ok & (codes >= 0)).sum())
+    st.n_anomalies += int((ok & (codes == 1)).sum())
+    if mismatch_on:
+        st.predictions.update(str(p) for p in pc.unique(batch.column("cam_pred").drop_null()).to_pylist())
+    for c in columns.values():
+        valid = ok & np.isfinite(values[c.name])
+        c.n_missing += int(ok.sum() - valid.sum())
+        c.sample.feed(values[c.name][valid], codes[valid])
 
 
 def _check_one_model(st: _RunStats, run: RunResults) -> None:
