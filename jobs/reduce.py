@@ -72,28 +72,29 @@ class ReduceConfig:
         if self.batch_size < 1 or self.max_values < 16:
             raise ValueError("batch_size must be >= 1 and max_values >= 16.")
 
-    def parsed_rules(self) -> tuple[Rule, dict[str, Rule | None]]:
-        """(default rule, score -> rule or None for "off"). ``cam_mismatch`` maps to None or a dummy."""
+    def parsed_rules(self) -> tuple[Rule, dict[str, Rule | None], bool]:
+        """(default rule, score -> rule or None for "off", label audit on)."""
         default = Rule.parse(self.default_rule)
         explicit: dict[str, Rule | None] = {}
+        audit: bool | None = None
         for text in self.rules:
             if "=" not in text:
                 default = Rule.parse(text)
                 continue
             score, _, rule = (s.strip() for s in text.partition("="))
-            if score in explicit:
+            if score in explicit or (score == MISMATCH and audit is not None):
                 raise ValueError(f"--rule {score}=... given twice; one rule per score.")
             if score == MISMATCH:
                 if rule not in ("on", "off"):
                     raise ValueError(f"--rule {MISMATCH}= takes 'on' or 'off'. Received: {rule!r}.")
-                explicit[score] = None if rule == "off" else Rule("f1")  # a marker: "on"
+                audit = rule == "on"
                 continue
             if score not in SCORE_DIRECTIONS:
                 raise ValueError(
                     f"--rule {text!r}: {score!r} is not a score column; scores: {[*SCORE_DIRECTIONS, MISMATCH]}."
                 )
             explicit[score] = None if rule == "off" else Rule.parse(rule)
-        return default, explicit
+        return default, explicit, audit is not False
 
 
 def log(msg: str) -> None:
@@ -168,18 +169,17 @@ def ok_mask(batch: pa.RecordBatch) -> np.ndarray:
         # compare the small dictionary once, then look the indices up (no string per row)
         hit = np.asarray(pc.equal(status.dictionary, "ok").to_numpy(zero_copy_only=False), dtype=bool)
         return hit[status.indices.to_numpy()] if len(hit) else np.zeros(len(status), bool)
-    eq = pc.equal(_strings(status), "ok")
-    return np.asarray(pc.fill_null(eq, False).to_numpy(zero_copy_only=False), dtype=bool)
+    return _bools(pc.equal(_strings(status), "ok"))
+
+
+def _bools(arr: pa.Array) -> np.ndarray:
+    """A boolean Arrow array -> bool (n,), null as False."""
+    return np.asarray(pc.fill_null(arr, False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def score_values(batch: pa.RecordBatch, column: str) -> np.ndarray:
     """float64 (n,), NaN where null."""
     return np.asarray(batch.column(column).to_numpy(zero_copy_only=False), dtype=np.float64)
-
-
-def string_values(batch: pa.RecordBatch, column: str) -> np.ndarray:
-    """object (n,) of str/None."""
-    return np.asarray(_strings(batch.column(column)).to_pylist(), dtype=object)
 
 
 # -- model facts (cheap: JSON only, no Keras) --------------------------------------------------
@@ -236,16 +236,16 @@ def reduce(cfg: ReduceConfig) -> dict[str, Any]:
     """Run the reducer; writes the outputs under ``cfg.out`` and returns the summary."""
     so = cfg.storage_options
     run = RunResults(cfg.results, so, cfg.batch_size)
-    default_rule, explicit = cfg.parsed_rules()
+    default_rule, explicit, audit = cfg.parsed_rules()
     log(f"{len(run.parts)} part files, {run.num_rows} rows, run {run.run.get('run_id')}")
 
-    missing = [s for s, r in explicit.items() if r is not None and s != MISMATCH and s not in run.columns]
+    missing = [s for s, r in explicit.items() if r is not None and s not in run.columns]
     if missing:
         raise ValueError(f"Score column(s) {missing} missing from the results at {cfg.results}.")
     rules: dict[str, tuple[Rule, bool]] = {
         s: (default_rule, False) for s in SCORE_DIRECTIONS if s in run.columns and s not in explicit
     }
-    rules.update({s: (r, True) for s, r in explicit.items() if r is not None and s != MISMATCH})
+    rules.update({s: (r, True) for s, r in explicit.items() if r is not None})
     model_uri = cfg.calibration or run.run.get("model_uri")
     facts = read_model_facts(model_uri, so)
     if any(r.kind == "calibrated" for r, _ in rules.values()) and facts.error:
@@ -266,7 +266,7 @@ def reduce(cfg: ReduceConfig) -> dict[str, Any]:
         )
         columns[s] = _Column(s, SCORE_DIRECTIONS[s], is_explicit, fitter)
 
-    mismatch_on = explicit.get(MISMATCH, Rule("f1")) is not None and {"cam_pred", "label"} <= run.columns
+    mismatch_on = audit and {"cam_pred", "label"} <= run.columns
     stats = _RunStats()
     extra = ["shard", "error", "label", "model_version", "run_id", *(["cam_pred"] if mismatch_on else [])]
     first_pass(
@@ -316,7 +316,7 @@ class _RunStats:
 def _codes(batch: pa.RecordBatch, anomaly_label: str) -> np.ndarray:
     if "label" not in batch.schema.names:
         return np.full(batch.num_rows, -1, np.int8)
-    return label_codes(string_values(batch, "label"), anomaly_label)
+    return label_codes(_strings(batch.column("label")), anomaly_label)
 
 
 def _counts(arr: pa.Array) -> Counter[str]:
@@ -447,6 +447,7 @@ def _flag_pass(
         c.edges = np.linspace(lo, hi, HISTOGRAM_BINS + 1)
         c.counts = np.zeros(HISTOGRAM_BINS, np.int64)
     kept: list[pa.Table] = []
+    rules = _rule_names(columns, mismatch)
     for batch in run.batches(run.column_order):
         ok = ok_mask(batch)
         codes = _codes(batch, cfg.anomaly_label)
@@ -461,11 +462,10 @@ def _flag_pass(
             c.flagged += int(f.sum())
             c.confusion.update(f[valid], codes[valid])
         if mismatch is not None:
-            lab, pred = string_values(batch, "label"), string_values(batch, "cam_pred")
-            audit = np.array([lbl in mismatch.classes for lbl in lab], dtype=bool)
-            fired[MISMATCH] = ok & audit & (pred != None) & (pred != lab)  # noqa: E711 (elementwise)
+            lab, pred = _strings(batch.column("label")), _strings(batch.column("cam_pred"))
+            audit = pc.and_(pc.is_in(lab, value_set=pa.array(sorted(mismatch.classes))), pc.not_equal(pred, lab))
+            fired[MISMATCH] = ok & _bools(audit)
             st.mismatch_flagged += int(fired[MISMATCH].sum())
-        rules = _rule_names(columns, mismatch)
         any_flag = np.zeros(batch.num_rows, bool)
         for f in fired.values():
             any_flag |= f

@@ -13,21 +13,23 @@ over every labelled row (``Confusion``), never sampled.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 MAX_NORMALS = 2_000_000
 
 
-def label_codes(labels: np.ndarray | list[Any], anomaly_label: str) -> np.ndarray:
-    """labels: object (n,) of str/None -> int8 (n,): 1 known anomaly, 0 known normal, -1 unknown."""
-    lab = np.asarray(labels, dtype=object)
-    known = np.array([x is not None for x in lab], dtype=bool)
-    codes = np.full(len(lab), -1, np.int8)
-    codes[known] = (lab[known] == anomaly_label).astype(np.int8)
-    return codes
+def label_codes(labels: pa.Array | Sequence[str | None], anomaly_label: str) -> np.ndarray:
+    """labels: strings or None, (n,) -> int8 (n,): 1 known anomaly, 0 known normal, -1 unknown."""
+    lab = labels if isinstance(labels, pa.Array) else pa.array(list(labels), pa.string())
+    known = np.asarray(lab.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    anomaly = np.asarray(pc.fill_null(pc.equal(lab, anomaly_label), False).to_numpy(zero_copy_only=False), bool)
+    return np.where(known, anomaly.astype(np.int8), np.int8(-1)).astype(np.int8)
 
 
 @dataclass

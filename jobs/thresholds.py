@@ -23,7 +23,7 @@ are not in numpy/pyarrow (pyarrow's ``quantile`` and t-digest load or
 approximate), so the selection below keeps only what it needs: the tail
 beyond the quantile (``TailBuffer``, one pass) or, for quantiles in the middle
 (IQR), a histogram refined pass by pass down to a bucket small enough to hold
-(``RankSearch``).
+(``RankSearch``, on order-preserving integer keys of the floats).
 """
 
 from __future__ import annotations
@@ -45,10 +45,15 @@ DEFAULT_PARAMS: dict[str, float | None] = {
     "calibrated": 0.999,
     "f1": None,
 }
-#: at most this many float64 values are held per column (16 MiB); beyond, the
-#: histogram is refined once more instead
+#: a quantile's tail is kept in one pass when it holds at most this many float64
+#: values (16 MiB); a larger tail is found by histogram refinement instead
 MAX_VALUES = 2**21
-HISTOGRAM_BINS = 2**16
+#: exact quantiles in the middle (``RankSearch``): the first pass counts 2**20
+#: buckets (8 MiB), later passes 2**16 within the bucket holding a rank; a bucket
+#: of at most 2**18 values (2 MiB) is collected and the rank read off it
+ROOT_BITS = 20
+HISTOGRAM_BITS = 16
+COLLECT_VALUES = 2**18
 
 
 class ThresholdError(ValueError):
@@ -223,139 +228,124 @@ class TailBuffer:
         return sum(p.nbytes for p in self._parts)
 
 
+def order_keys(values: np.ndarray) -> np.ndarray:
+    """float64 (k,) -> uint64 (k,) keys with the same order (IEEE 754 bits, sign
+    folded), so buckets are integer ranges: no rounding at bucket edges."""
+    u = np.ascontiguousarray(values, dtype=np.float64).view(np.uint64)
+    flip = np.where(u >> np.uint64(63), np.uint64(0xFFFFFFFFFFFFFFFF), np.uint64(1 << 63))
+    return u ^ flip
+
+
+def key_value(key: int) -> float:
+    """The float64 of an order key (inverse of ``order_keys``)."""
+    u = key ^ (1 << 63) if key >= 1 << 63 else key ^ 0xFFFFFFFFFFFFFFFF
+    return float(np.array([u], dtype=np.uint64).view(np.float64)[0])
+
+
 @dataclass
-class _Interval:
-    lo: float
-    hi: float
-    closed: bool  # hi belongs to the interval
-    below: int  # values < lo
-    count: int  # values in the interval
+class _Bucket:
+    """Keys in [lo, lo + width); ``below`` values have smaller keys."""
+
+    lo: int
+    width: int
+    below: int
+    count: int
+    shift: int = 0  # histogram: key -> (key - lo) >> shift
     counts: np.ndarray | None = None  # histogram pass
-    uniques: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # collect pass
+    keys: list[np.ndarray] = field(default_factory=list)  # collect pass
 
-    @property
-    def key(self) -> tuple[float, float, bool]:
-        return (self.lo, self.hi, self.closed)
-
-    def select(self, v: np.ndarray) -> np.ndarray:
-        upper = v <= self.hi if self.closed else v < self.hi
-        return v[(v >= self.lo) & upper]
-
-    @property
-    def atomic(self) -> bool:
-        """At most a handful of representable floats: collect them, do not refine."""
-        x = self.lo
-        for _ in range(4):
-            x = float(np.nextafter(x, math.inf))
-        return self.hi <= x
-
-    def edges(self, bins: int) -> np.ndarray:
-        e = np.linspace(self.lo, self.hi, bins + 1)
-        e[0], e[-1] = self.lo, self.hi
-        return np.maximum.accumulate(e)
+    def select(self, keys: np.ndarray) -> np.ndarray:
+        off = keys - np.uint64(self.lo)  # wraps below lo: then >= width
+        return off[off < np.uint64(self.width)] if self.width < 1 << 64 else off
 
 
 class RankSearch:
     """Exact order statistics (0-based ranks of the ascending order) of a stream
-    of ``n`` values in [lo, hi], found pass by pass.
+    of values, found pass by pass in memory that does not grow with the stream.
 
-    Each pass either histograms the interval that holds a rank into ``bins``
-    buckets (the next pass looks only inside the bucket holding the rank), or,
-    once the interval holds at most ``max_values`` values (or only a few
-    representable floats), collects its distinct values with their counts and
-    reads the rank off. Memory: ``bins`` counters or ``max_values`` values per
-    wanted rank. Values must be fed identically in every pass.
+    Values become order-preserving integer keys (``order_keys``). The first pass
+    histograms the top ``root_bits`` bits of every key, before the ranks are
+    known (so it rides along the pass that counts n). Then each pass looks only
+    inside the bucket holding a rank: it collects that bucket's keys when they
+    are at most ``max_values`` (the rank is read off the sorted bucket), else
+    histograms it into ``2**bits`` finer buckets. A bucket one key wide is a
+    value: at most 4 refinements, whatever the data (ties included).
+
+    Memory: ``2**root_bits`` counters, then per rank ``2**bits`` counters or
+    ``max_values`` keys. Every pass must see the same values.
     """
 
-    def __init__(
-        self,
-        ranks: Sequence[int],
-        lo: float,
-        hi: float,
-        n: int,
-        *,
-        bins: int = HISTOGRAM_BINS,
-        max_values: int = MAX_VALUES,
-    ) -> None:
-        if any(not 0 <= r < n for r in ranks):
-            raise ValueError(f"ranks {list(ranks)} out of range for {n} values")
-        self.bins, self.max_values = bins, max_values
-        root = _Interval(lo, hi, True, 0, n)
+    def __init__(self, *, root_bits: int = ROOT_BITS, bits: int = HISTOGRAM_BITS, max_values: int = COLLECT_VALUES):
+        self.bits, self.max_values = bits, max_values
+        self._root = _Bucket(0, 1 << 64, 0, 0, shift=64 - root_bits, counts=np.zeros(1 << root_bits, np.int64))
         self.found: dict[int, float] = {}
-        self._where: dict[int, _Interval] = {}
-        for r in ranks:
-            self._place(r, root)
+        self._where: dict[int, _Bucket] = {}
         self.passes = 0
-        self._start_pass()
-
-    def _place(self, rank: int, iv: _Interval) -> None:
-        if iv.lo == iv.hi:
-            self.found[rank] = iv.lo
-        else:
-            self._where[rank] = iv
-
-    def _active(self) -> list[_Interval]:
-        out: dict[tuple[float, float, bool], _Interval] = {}
-        for iv in self._where.values():
-            out.setdefault(iv.key, iv)
-        return list(out.values())
-
-    def _start_pass(self) -> None:
-        for iv in self._active():
-            iv.uniques = []
-            iv.counts = None if iv.count <= self.max_values or iv.atomic else np.zeros(self.bins, np.int64)
-        self._edges = {iv.key: iv.edges(self.bins) for iv in self._active() if iv.counts is not None}
 
     @property
     def done(self) -> bool:
-        return not self._where
+        return self.passes > 0 and not self._where
 
     def feed(self, values: np.ndarray) -> None:
         """values: float64 (k,), every valid value of the stream once per pass."""
-        for iv in self._active():
-            sub = iv.select(values)
-            if not len(sub):
+        if not len(values):
+            return
+        keys = order_keys(values)
+        buckets = [self._root] if self.passes == 0 else list({id(b): b for b in self._where.values()}.values())
+        for b in buckets:
+            off = b.select(keys)
+            if not len(off):
                 continue
-            if iv.counts is not None:
-                # side="right" - 1: bucket b holds edges[b] <= v < edges[b+1]; hi (closed) -> last
-                idx = np.minimum(np.searchsorted(self._edges[iv.key], sub, side="right") - 1, self.bins - 1)
-                iv.counts += np.bincount(idx, minlength=self.bins)
-            else:
-                iv.uniques.append(np.unique(sub, return_counts=True))
-                if sum(len(u) for u, _ in iv.uniques) > 4 * max(1024, min(iv.count, self.max_values)):
-                    iv.uniques = [_merge_uniques(iv.uniques)]
+            if b.counts is None:
+                b.keys.append(off)
+                continue
+            idx = (off >> np.uint64(b.shift)).astype(np.int64)
+            first = int(idx.min())  # add the batch's span only: a batch covers few buckets
+            span = np.bincount(idx - first)
+            b.counts[first : first + len(span)] += span
+
+    def end_first_pass(self, ranks: Sequence[int]) -> None:
+        """After pass 1 (``n`` = the values fed): place each wanted rank."""
+        assert self._root.counts is not None, "end_first_pass called twice"
+        self._root.count = int(self._root.counts.sum())
+        for r in ranks:
+            if not 0 <= r < self._root.count:
+                raise ValueError(f"rank {r} out of range for {self._root.count} values")
+        self._where = dict.fromkeys(ranks, self._root)
+        self._descend()
 
     def end_pass(self) -> None:
+        self._descend()
+
+    def _descend(self) -> None:
         self.passes += 1
-        children: dict[tuple[float, float, bool, int], _Interval] = {}
-        for rank, iv in list(self._where.items()):
-            if iv.counts is None:
-                uniq, cnt = _merge_uniques(iv.uniques)
-                pos = np.searchsorted(np.cumsum(cnt), rank - iv.below, side="right")
-                if pos >= len(uniq):
+        children: dict[tuple[int, int], _Bucket] = {}
+        for rank, b in list(self._where.items()):
+            if b.counts is None:  # collected: read the rank off the sorted keys
+                keys = np.sort(np.concatenate(b.keys)) if b.keys else np.zeros(0, np.uint64)
+                if not 0 <= rank - b.below < len(keys):
                     raise AssertionError("values changed between passes")  # internal invariant
-                self.found[rank] = float(uniq[pos])
+                self.found[rank] = key_value(int(keys[rank - b.below]) + b.lo)
                 del self._where[rank]
                 continue
-            cum = iv.below + np.cumsum(iv.counts)
-            b = int(np.searchsorted(cum, rank, side="right"))
-            edges = self._edges[iv.key]
-            below = iv.below + (int(cum[b - 1] - iv.below) if b else 0)
-            key = (float(edges[b]), float(edges[b + 1]), iv.closed and b == self.bins - 1, below)
-            child = children.get(key) or _Interval(key[0], key[1], key[2], below, int(iv.counts[b]))
-            children[key] = child
-            del self._where[rank]
-            self._place(rank, child)
-        self._start_pass()
-
-
-def _merge_uniques(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    if not parts:
-        return np.zeros(0), np.zeros(0, np.int64)
-    vals = np.concatenate([u for u, _ in parts])
-    cnts = np.concatenate([c for _, c in parts])
-    uniq, inv = np.unique(vals, return_inverse=True)
-    return uniq, np.bincount(inv, weights=cnts, minlength=len(uniq)).astype(np.int64)
+            cum = np.cumsum(b.counts)
+            i = int(np.searchsorted(cum, rank - b.below, side="right"))
+            lo = b.lo + (i << b.shift)
+            width = min(1 << b.shift, b.lo + b.width - lo)
+            below = b.below + (int(cum[i - 1]) if i else 0)
+            if width == 1:  # one key: the value itself
+                self.found[rank] = key_value(lo)
+                del self._where[rank]
+                continue
+            child = children.get((lo, width))
+            if child is None:
+                child = _Bucket(lo, width, below, int(b.counts[i]))
+                if child.count > self.max_values:
+                    child.shift = max(0, (width - 1).bit_length() - self.bits)
+                    child.counts = np.zeros(((width - 1) >> child.shift) + 1, np.int64)
+                children[(lo, width)] = child
+            self._where[rank] = child
+        self._root.counts = None  # the first pass's histogram is done with
 
 
 # -- the fitter ---------------------------------------------------------------------------------
@@ -397,10 +387,10 @@ class ThresholdFitter:
         self._labelled: list[tuple[np.ndarray, np.ndarray]] = []
         if rule.kind == "calibrated":
             self._result = self._calibrated(calibration)  # refuses before any data is read
-        elif rule.kind == "quantile":
-            m = _tail_size(n_upper, self.level)
-            if m <= max_values:
-                self._tail = TailBuffer(m, direction)
+        elif rule.kind == "quantile" and _tail_size(n_upper, self.level) <= max_values:
+            self._tail = TailBuffer(_tail_size(n_upper, self.level), direction)
+        if rule.kind == "iqr" or (rule.kind == "quantile" and self._tail is None):
+            self._search = RankSearch(max_values=min(max_values, COLLECT_VALUES))
 
     @property
     def level(self) -> float:
@@ -417,6 +407,8 @@ class ThresholdFitter:
             self.moments.update(values)
             if self._tail is not None:
                 self._tail.feed(values)
+            if self._search is not None:
+                self._search.feed(values)
             if self.rule.kind == "f1" and labels is not None:
                 known = labels >= 0
                 if known.any():
@@ -426,6 +418,8 @@ class ThresholdFitter:
 
     def end_pass(self) -> None:
         self.passes += 1
+        if self.rule.kind == "calibrated":
+            return  # fitted from the bundle when constructed; this run's scores are only counted
         if self.passes == 1:
             self._after_first_pass()
         elif self._search is not None:
@@ -466,13 +460,8 @@ class ThresholdFitter:
             if self._tail is not None:
                 self._result = self._from_ranks(self._from_tail(self._ranks))
             else:
-                self._search = RankSearch(
-                    sorted({r for lo, hi, _ in self._ranks for r in (lo, hi)}),
-                    m.min,
-                    m.max,
-                    m.n,
-                    max_values=self.max_values,
-                )
+                assert self._search is not None
+                self._search.end_first_pass(sorted({r for lo, hi, _ in self._ranks for r in (lo, hi)}))
 
     def _wanted_ranks(self) -> list[tuple[int, int, float]]:
         n = self.moments.n
