@@ -252,9 +252,11 @@ def reduce(cfg: ReduceConfig) -> dict[str, Any]:
         raise ValueError(f"Rule calibrated needs the model bundle's calibration, but {facts.error}.")
 
     columns: dict[str, _Column] = {}
+    skipped: dict[str, str] = {}
     for s, (rule, is_explicit) in rules.items():
         if rule.kind == "calibrated" and not is_explicit and s not in facts.calibration:
-            continue  # a default rule on a score this model does not produce
+            skipped[s] = f"no calibration for this score in {model_uri} (detector absent from the model)"
+            continue
         fitter = ThresholdFitter(
             s,
             rule,
@@ -277,7 +279,6 @@ def reduce(cfg: ReduceConfig) -> dict[str, Any]:
         anomaly_label=cfg.anomaly_label,
     )
     _check_one_model(stats, run)
-    skipped: dict[str, str] = {}
     for c in list(columns.values()):
         if c.fitter.moments.n == 0:
             if c.explicit:

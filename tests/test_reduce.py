@@ -319,3 +319,14 @@ def test_results_and_outputs_on_s3(s3: dict[str, Any]) -> None:
     html = read_bytes(f"{out}/report.html", so).decode()
     assert html.count("image not available") == 3  # the ids point at files that do not exist: said per image
     assert read_json(f"{out}/summary.json", so)["errors"] == 2
+
+
+def test_calibrated_for_every_score_skips_scores_the_model_lacks(tmp_path: Any) -> None:
+    normal = np.random.default_rng(9).gamma(2.0, 0.01, size=4000)
+    model = _fake_bundle(str(tmp_path / "model"), {"recon_error": calibration_stats(normal)}, None)
+    results = write_run(str(tmp_path / "results"), [make_rows(800)], model_uri=model)
+    out = str(tmp_path / "out")
+    reduce(ReduceConfig(results, out, rules=("calibrated",), report=False))
+    th = read_json(join(out, "thresholds.json"))
+    assert set(th["thresholds"]) == {"recon_error"}
+    assert "no calibration for this score" in th["skipped"]["gmm_loglik"]
