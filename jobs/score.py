@@ -14,6 +14,7 @@ every image ends in exactly one row.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -167,11 +168,12 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     """
     so = cfg.storage_options
     manifest = read_manifest(cfg.models, so)
-    # Load every detector once here too: a corrupt model file must fail now, in one
-    # line, not later in an actor (where Ray would restart it again and again).
-    bundle = ModelBundle.load(cfg.models, so)
-    size, channels, version = bundle.input_size, bundle.channels, bundle.version
-    del bundle
+    size, channels, version = _validate_bundle(cfg.models, so)
+    if cfg.gpus_per_worker > 0 and cfg.ray_address is None and not _local_gpus():
+        raise ValueError(
+            f"--gpus-per-worker {cfg.gpus_per_worker:g} needs GPUs, but this machine has none. "
+            "Drop the flag to score on CPU, or pass --address of a cluster with GPU nodes."
+        )
     shards = list_shards(cfg.source, so)
     facts = {
         "model_uri": cfg.models,
@@ -228,6 +230,25 @@ def summary_line(summary: dict[str, Any]) -> str:
         f"{resumed} in {summary['seconds']:.1f}s ({summary['images_per_s']} images/s) -> {summary['out']} "
         f"(run {summary['run_id']}, model {summary['model_version']})"
     )
+
+
+def _validate_bundle(models: str, storage_options: dict[str, Any]) -> tuple[int, int, str]:
+    """Load every detector once on the driver: a corrupt model file must fail now, in
+    one line, not later in an actor. Returns (input size, channels, version)."""
+    import tensorflow as tf
+
+    # The driver only checks: leave every GPU of this node to the actors (a RuntimeError
+    # means TensorFlow was initialised already by an embedding program: leave it be).
+    with contextlib.suppress(RuntimeError):
+        tf.config.set_visible_devices([], "GPU")
+    bundle = ModelBundle.load(models, storage_options)
+    return bundle.input_size, bundle.channels, bundle.version
+
+
+def _local_gpus() -> int:
+    import tensorflow as tf
+
+    return len(tf.config.list_physical_devices("GPU"))
 
 
 def _connect(cfg: ScoreConfig) -> bool:
