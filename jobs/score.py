@@ -43,6 +43,8 @@ from jobs.sources import Shard, list_shards, read_shard
 #: seconds a Ray Data actor pool may wait for its first actor before failing
 #: (Ray's default waits long; a GPU actor that fits nowhere must fail, not hang)
 WAIT_FOR_ACTORS_S = 600
+#: bytes of RAM one scoring actor is expected to hold (TensorFlow + a bundle), reserved in Ray
+ACTOR_MEMORY = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -305,9 +307,11 @@ def _pool(cfg: ScoreConfig) -> tuple[int, float, float]:
     return workers, round(actor_cpus, 3), decode_cpus
 
 
-def _run_pipeline(
-    cfg: ScoreConfig, plan: RunPlan, pending: list[Shard], size: int, channels: int, progress: Progress
-) -> None:
+def build_dataset(cfg: ScoreConfig, run_id: str, pending: list[Shard], size: int, channels: int) -> Any:
+    """The Ray Data pipeline (lazy): manifest rows -> decode tasks -> ScoreActor pool.
+
+    Needs a connected Ray (it sizes the pool from the cluster's resources).
+    """
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -318,7 +322,7 @@ def _run_pipeline(
     ctx.wait_for_min_actors_s = WAIT_FOR_ACTORS_S
     workers, actor_cpus, decode_cpus = _pool(cfg)
     log(
-        f"run {plan.run_id}: {len(pending)} shards to score with {workers} actor(s) "
+        f"run {run_id}: {len(pending)} shards to score with {workers} actor(s) "
         f"({actor_cpus:g} CPU, {cfg.gpus_per_worker:g} GPU each), batch {cfg.batch_size}"
     )
     manifest: ray.data.Dataset = ray.data.from_items([s.to_row() for s in pending], override_num_blocks=len(pending))
@@ -335,18 +339,29 @@ def _run_pipeline(
         },
         num_cpus=decode_cpus,
     )
-    ds = ds.map_batches(
+    return ds.map_batches(
         ScoreActor,
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=workers),
-        fn_constructor_kwargs={"models": cfg.models, "storage_options": so, "run_id": plan.run_id},
+        fn_constructor_kwargs={"models": cfg.models, "storage_options": so, "run_id": run_id},
         num_cpus=actor_cpus,
         num_gpus=cfg.gpus_per_worker or None,
+        # What an actor holds (TensorFlow + the bundle), for the scheduler. It also keeps Ray
+        # Data from fusing the decode tasks into the actors (it fuses ops whose remote args
+        # match): fused, one actor task would take a bundle of `batch_size` manifest rows
+        # (up to 256 whole shards) and decoding would stop overlapping with scoring.
+        memory=ACTOR_MEMORY,
         # Ray Data restarts a dead actor and retries its tasks by default
         # (max_restarts=-1, max_task_retries=-1); a retried batch's rows are
         # dropped as repeats by the ShardAssembler.
     )
+
+
+def _run_pipeline(
+    cfg: ScoreConfig, plan: RunPlan, pending: list[Shard], size: int, channels: int, progress: Progress
+) -> None:
+    ds = build_dataset(cfg, plan.run_id, pending, size, channels)
     assembler = ShardAssembler()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for shard_id, tables in assembler.add(batch):

@@ -231,7 +231,11 @@ def test_job_scores_every_input_exactly_once(
 
 
 def _score_actor_pids() -> set[int]:
-    import psutil  # ships with Ray
+    import importlib
+
+    import ray  # noqa: F401  (Ray ships psutil and puts it on sys.path)
+
+    psutil = importlib.import_module("psutil")
 
     return {
         p.pid
@@ -268,3 +272,19 @@ def test_a_killed_actor_is_restarted_and_its_work_redone_once(local_ray: None, b
     assert len(ids) == len(set(ids)) == 600
     assert result["shards"] == 30 == len(committed_shards(cfg.out))
     assert (results.column("status").to_pylist()) == ["ok"] * 600
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_decode_runs_in_tasks_apart_from_the_actors(
+    local_ray: None, bundle_uri: str, archive: list[Sample], tmp_path: Any, capsys: Any
+) -> None:
+    """Ray Data fuses ops with equal remote args; fused, decoding would run inside the actors."""
+    from jobs.score import build_dataset
+
+    write_tar_shards(str(tmp_path / "src"), archive, 40)
+    cfg = ScoreConfig(source=str(tmp_path / "src"), models=bundle_uri, out=str(tmp_path / "out"))
+    build_dataset(cfg, "r", list_shards(cfg.source), SIZE, 1).explain()
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "ActorPoolMapOperator[MapBatches(ScoreActor)]" in optimized
+    assert "TaskPoolMapOperator[MapBatches(decode_shards)]" in optimized
