@@ -50,6 +50,10 @@ def decode_image(data: bytes | None, *, max_pixels: int = MAX_PIXELS) -> Decoded
         return Decoded(None, None, None, f"image too large: {e}")
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated / corrupt data
         return Decoded(None, None, None, f"corrupt image: {e}")
+    except Exception as e:
+        # Pillow's format plugins raise a zoo of other types on hostile input
+        # (struct.error, IndexError, TypeError, ...): one bad file must never end a job.
+        return Decoded(None, None, None, f"corrupt image: {type(e).__name__}: {e}")
 
 
 def _to_array(im: Image.Image) -> np.ndarray:

@@ -130,6 +130,12 @@ def list_shards(
         if kind:
             kinds[kind].append(info)
     archives = kinds["tar"] + kinds["parquet"]
+    if archives and kinds["image"]:
+        # Silently scanning only one of the two would drop inputs.
+        raise SourceError(
+            f"Source {source} mixes {len(archives)} tar/Parquet file(s) with {len(kinds['image'])} loose "
+            f"image file(s) (e.g. {kinds['image'][0]['name']}); point --source at a prefix that holds one kind."
+        )
     if archives:
         return [
             Shard(
@@ -170,26 +176,52 @@ def list_shards(
 
 
 def read_shard(shard: Shard, storage_options: StorageOptions | None = None) -> Iterator[Record]:
-    """Every input image of a shard, in a stable order; read failures are records too."""
+    """Every input image of a shard, in a stable order; read failures are records too.
+
+    Ids are unique within the shard: a member name that occurs again (a tar may
+    hold the same name twice, a Parquet id column may repeat) gets ``@2``, ``@3``
+    ... appended in reading order, so each input stays one row.
+    """
     if shard.kind == "files":
-        yield from _read_files(shard, storage_options)
+        records = _read_files(shard, storage_options)
     elif shard.kind == "tar":
-        yield from _read_tar(shard, storage_options)
+        records = _read_tar(shard, storage_options)
     elif shard.kind == "parquet":
-        yield from _read_parquet(shard, storage_options)
+        records = _read_parquet(shard, storage_options)
     else:
         raise SourceError(f"Unknown shard kind {shard.kind!r} for {shard.uri}")
+    seen: dict[str, int] = {}
+    for rec in records:
+        k = seen.get(rec.image_id, 0) + 1
+        seen[rec.image_id] = k
+        if k > 1:
+            rec.image_id, rec.member = f"{rec.image_id}@{k}", f"{rec.member}@{k}"
+        yield rec
+
+
+#: files fetched at once from one folder shard: s3fs fetches them concurrently,
+#: and a chunk bounds the bytes held in memory
+FETCH_CHUNK = 64
 
 
 def _read_files(shard: Shard, storage_options: StorageOptions | None) -> Iterator[Record]:
     fs, _ = filesystem(shard.members[0] if shard.members else shard.uri, storage_options)
     labels: Sequence[str | None] = shard.labels or (None,) * len(shard.members)
-    for uri, label in zip(shard.members, labels, strict=True):
+    pairs = list(zip(shard.members, labels, strict=True))
+    for start in range(0, len(pairs), FETCH_CHUNK):
+        chunk = pairs[start : start + FETCH_CHUNK]
+        paths = [filesystem(uri, storage_options)[1] for uri, _ in chunk]
         try:
-            data = bytes(fs.cat_file(filesystem(uri, storage_options)[1]))
-            yield Record(uri, shard.shard_id, posixpath.basename(uri), data, label)
+            # cat_ranges, not cat: concurrent GETs on object stores, results in order,
+            # per-file errors returned, and no glob expansion of names like "a[1].png"
+            fetched: list[Any] = fs.cat_ranges(paths, None, None, on_error="return")
         except OSError as e:
-            yield Record(uri, shard.shard_id, posixpath.basename(uri), None, label, f"read failed: {e}")
+            fetched = [e] * len(paths)
+        for (uri, label), data in zip(chunk, fetched, strict=True):
+            if isinstance(data, BaseException):
+                yield Record(uri, shard.shard_id, posixpath.basename(uri), None, label, f"read failed: {data!r}")
+            else:
+                yield Record(uri, shard.shard_id, posixpath.basename(uri), bytes(data), label)
 
 
 def _tar_label(files: dict[str, bytes]) -> str | None:
@@ -220,6 +252,7 @@ def _read_tar(shard: Shard, storage_options: StorageOptions | None) -> Iterator[
                 yield Record(f"{shard.uri}#{member}", shard.shard_id, member, data, label)
 
     key: str | None = None
+    last: str | None = None  # the last sample emitted, to say where a broken archive broke
     files: dict[str, bytes] = {}
     names: dict[str, str] = {}
     try:
@@ -235,24 +268,40 @@ def _read_tar(shard: Shard, storage_options: StorageOptions | None) -> Iterator[
                 if k != key:
                     if key is not None:
                         yield from emit(key, files, names)
+                        last = key
                     key, files, names = k, {}, {}
                 fobj = tar.extractfile(info)
                 files[ext] = fobj.read() if fobj else b""
                 names[ext] = info.name
             if key is not None:
                 yield from emit(key, files, names)
+                last, key, files = key, None, {}
+            if path.lower().endswith(".tar") and not _has_end_marker(f):
+                # tarfile takes a cut exactly at a block boundary for the end of the
+                # archive: without this check the members after the cut vanish silently
+                raise tarfile.ReadError("truncated (no end-of-archive marker)")
     except (tarfile.TarError, OSError, EOFError) as e:
         # The members read so far were yielded; the rest of a broken archive is one error row.
         if key is not None and files:
             yield from emit(key, files, names)
+            last = key
         yield Record(
             f"{shard.uri}#<unreadable>",
             shard.shard_id,
             "<unreadable>",
             None,
             None,
-            f"tar archive unreadable after {key or 'start'}: {e}",
+            f"tar archive unreadable after {last or 'start'}: {e}",
         )
+
+
+def _has_end_marker(f: Any) -> bool:
+    """A POSIX tar ends with two zero blocks (then zero padding)."""
+    size = f.seek(0, 2)
+    if size < 1024:
+        return False
+    f.seek(size - 1024)
+    return bool(f.read(1024) == bytes(1024))
 
 
 def _pick(columns: Sequence[str], candidates: Sequence[str]) -> str | None:

@@ -1,0 +1,384 @@
+"""``imgscan score``: score every image of an archive with a model bundle, on Ray Data.
+
+Pipeline (streaming; memory is bounded by the shards in flight, not by the archive)::
+
+    shard manifest (driver)  ->  read + decode + resize (CPU tasks, one shard per call,
+    ->  ScoreActor pool (loads the bundle once, scores batches; GPUs if asked)
+    ->  driver: iter_batches -> ShardAssembler -> parts/<shard_id>.parquet (atomic, per shard)
+
+Everything that can be wrong with the input (flags, source, bundle, RESULTS_URI
+holding another run) is checked before Ray starts. A killed run resumes with
+the same ``--run-id``: committed shards are skipped, the rest is redone, and
+every image ends in exactly one row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from jobs.bundle import ModelBundle, read_manifest
+from jobs.images import MAX_PIXELS
+from jobs.ledger import (
+    RunPlan,
+    ShardAssembler,
+    check_run_id,
+    commit_part,
+    manifest_fingerprint,
+    plan_run,
+    write_run,
+)
+from jobs.scoring import DECODE_CHUNK, decode_records, finish_part, score_table
+from jobs.sources import Shard, list_shards, read_shard
+
+#: seconds a Ray Data actor pool may wait for its first actor before failing
+#: (Ray's default waits long; a GPU actor that fits nowhere must fail, not hang)
+WAIT_FOR_ACTORS_S = 600
+#: bytes of RAM one scoring actor is expected to hold (TensorFlow + a bundle), reserved in Ray
+ACTOR_MEMORY = 1 << 30
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Flags of ``imgscan score``, validated once."""
+
+    source: str
+    models: str
+    out: str
+    run_id: str | None = None
+    address: str | None = None  # None: RAY_ADDRESS if set (inside `ray job submit`), else Ray in-process
+    workers: int | None = None  # scoring actors; None: one per GPU, or 1 on CPU
+    gpus_per_worker: float = 0.0
+    batch_size: int = 256
+    num_cpus: int | None = None  # in-process Ray only; None: every core
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    decode_chunk: int = DECODE_CHUNK
+    max_pixels: int = MAX_PIXELS
+    progress_every_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("source", "models", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} must be a non-empty URI.")
+        if self.run_id is not None:
+            check_run_id(self.run_id)
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"--workers must be >= 1. Received: {self.workers}.")
+        if not (self.gpus_per_worker >= 0 and math.isfinite(self.gpus_per_worker)):
+            raise ValueError(f"--gpus-per-worker must be >= 0. Received: {self.gpus_per_worker}.")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1. Received: {self.batch_size}.")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError(f"--num-cpus must be >= 1. Received: {self.num_cpus}.")
+        if self.num_cpus is not None and self.ray_address is not None:
+            raise ValueError("--num-cpus sizes the in-process Ray; a cluster (--address) has its own.")
+        if self.decode_chunk < 1 or self.max_pixels < 1:
+            raise ValueError("decode_chunk and max_pixels must be >= 1.")
+
+    @property
+    def ray_address(self) -> str | None:
+        """The cluster to join, or None to start Ray in this process."""
+        return self.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def log(msg: str) -> None:
+    print(f"[imgscan score] {msg}", file=sys.stderr, flush=True)
+
+
+# -- Ray layer: a decode function and a scoring actor ------------------------------------------------
+
+
+def decode_shards(
+    batch: pa.Table, *, size: int, channels: int, storage_options: dict[str, Any], chunk_rows: int, max_pixels: int
+) -> Iterator[pa.Table]:
+    """Ray Data UDF: manifest rows (one per call) -> decoded tables of their images."""
+    for row in batch.to_pylist():
+        shard = Shard.from_row(row)
+        yield from decode_records(
+            read_shard(shard, storage_options), shard.uri, size, channels, chunk_rows=chunk_rows, max_pixels=max_pixels
+        )
+
+
+class ScoreActor:
+    """Ray Data actor: loads the bundle ONCE, then scores decoded tables (error rows pass through)."""
+
+    def __init__(self, models: str, storage_options: dict[str, Any], run_id: str) -> None:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+
+        # before any model is built: TensorFlow otherwise takes all GPU memory up front
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+        self.bundle = ModelBundle.load(models, storage_options)
+        self.run_id = run_id
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return score_table(self.bundle, table, run_id=self.run_id)
+
+
+# -- the job -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Counters of the driver; prints a line every ``every_s`` seconds."""
+
+    total_shards: int
+    every_s: float
+    images: int = 0
+    errors: int = 0
+    shards: int = 0
+    t0: float = field(default_factory=time.monotonic)
+    _last: float = 0.0
+
+    def add(self, part: pa.Table) -> None:
+        self.images += part.num_rows
+        self.errors += int(part.num_rows - sum(1 for s in part.column("status").to_pylist() if s == "ok"))
+        self.shards += 1
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            log(self.line())
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.t0
+
+    def line(self) -> str:
+        rate = self.images / max(self.seconds, 1e-9)
+        return (
+            f"{self.images} images done ({self.shards}/{self.total_shards} shards), "
+            f"{rate:.1f} images/s, {self.errors} errors"
+        )
+
+
+def score(cfg: ScoreConfig) -> dict[str, Any]:
+    """Run the scoring job; returns a summary dict (run_id, images, errors, shards, seconds, ...).
+
+    Raises ``SourceError`` / ``BundleError`` / ``ValueError`` with a one-line
+    message, before Ray starts, for a missing or empty source, an unreadable
+    bundle or a RESULTS_URI that holds another run.
+    """
+    so = cfg.storage_options
+    manifest = read_manifest(cfg.models, so)
+    size, channels, version = _validate_bundle(cfg.models, so)
+    if cfg.gpus_per_worker > 0 and cfg.ray_address is None and not _local_gpus():
+        raise ValueError(
+            f"--gpus-per-worker {cfg.gpus_per_worker:g} needs GPUs, but this machine has none. "
+            "Drop the flag to score on CPU, or pass --address of a cluster with GPU nodes."
+        )
+    shards = list_shards(cfg.source, so)
+    facts = {
+        "model_uri": cfg.models,
+        "model_version": version,
+        "source": cfg.source,
+        "input_size": size,
+        "channels": channels,
+        "detectors": sorted(manifest["detectors"]),
+        "n_shards": len(shards),
+        "manifest_fingerprint": manifest_fingerprint(shards),
+    }
+    plan = plan_run(cfg.out, cfg.run_id, facts, so)
+    pending = [s for s in shards if s.shard_id not in plan.committed]
+    skipped = len(shards) - len(pending)
+    progress = Progress(total_shards=len(pending), every_s=cfg.progress_every_s)
+    if skipped:
+        log(f"resuming run {plan.run_id}: {skipped} of {len(shards)} shards already committed")
+    if pending:
+        import ray
+
+        started = _connect(cfg)
+        try:
+            _check_resources(cfg)
+            write_run(cfg.out, plan, so)
+            _run_pipeline(cfg, plan, pending, size, channels, progress)
+        except BaseException:
+            log(f"stopped after committing {progress.shards} shards; resume with --run-id {plan.run_id}")
+            raise
+        finally:
+            if started:
+                ray.shutdown()
+    else:
+        write_run(cfg.out, plan, so)
+    seconds = progress.seconds
+    return {
+        "run_id": plan.run_id,
+        "out": cfg.out,
+        "model_version": version,
+        "shards": len(shards),
+        "shards_skipped": skipped,
+        "shards_committed": progress.shards,
+        "images": progress.images,
+        "errors": progress.errors,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(progress.images / seconds, 1) if seconds > 0 else 0.0,
+    }
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """The one line the command ends with."""
+    resumed = f", {summary['shards_skipped']} already committed" if summary["shards_skipped"] else ""
+    return (
+        f"scored {summary['images']} images ({summary['errors']} errors) in {summary['shards_committed']} shards"
+        f"{resumed} in {summary['seconds']:.1f}s ({summary['images_per_s']} images/s) -> {summary['out']} "
+        f"(run {summary['run_id']}, model {summary['model_version']})"
+    )
+
+
+def _validate_bundle(models: str, storage_options: dict[str, Any]) -> tuple[int, int, str]:
+    """Load every detector once on the driver: a corrupt model file must fail now, in
+    one line, not later in an actor. Returns (input size, channels, version)."""
+    import tensorflow as tf
+
+    # The driver only checks: leave every GPU of this node to the actors (a RuntimeError
+    # means TensorFlow was initialised already by an embedding program: leave it be).
+    with contextlib.suppress(RuntimeError):
+        tf.config.set_visible_devices([], "GPU")
+    bundle = ModelBundle.load(models, storage_options)
+    return bundle.input_size, bundle.channels, bundle.version
+
+
+def _local_gpus() -> int:
+    import tensorflow as tf
+
+    return len(tf.config.list_physical_devices("GPU"))
+
+
+def _connect(cfg: ScoreConfig) -> bool:
+    """Join the cluster or start Ray here; True when this call started Ray (and must stop it)."""
+    import ray
+
+    if ray.is_initialized():  # an embedding program (tests, a notebook) owns Ray
+        return False
+    address = cfg.ray_address
+    if address is None:
+        ray.init(
+            address="local",  # never attach to some other Ray found on this machine
+            num_cpus=cfg.num_cpus or os.cpu_count() or 1,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            # workers' own logs (TensorFlow start-up chatter) stay in the Ray session logs;
+            # their errors reach the driver as exceptions anyway
+            log_to_driver=False,
+        )
+    else:
+        ray.init(address=address, logging_level=logging.WARNING)
+    return True
+
+
+def _check_resources(cfg: ScoreConfig) -> None:
+    """A GPU actor that fits nowhere would wait forever: refuse instead."""
+    import ray
+
+    if cfg.gpus_per_worker <= 0:
+        return
+    have = float(ray.cluster_resources().get("GPU", 0.0))
+    if have < cfg.gpus_per_worker:
+        where = f"the cluster at {cfg.ray_address}" if cfg.ray_address else "this machine"
+        raise ValueError(
+            f"--gpus-per-worker {cfg.gpus_per_worker} needs GPUs, but {where} has {have:g}. Drop the flag to "
+            "score on CPU, or start GPU nodes first (autoscaling clusters: keep min_workers >= 1 for the GPU type)."
+        )
+
+
+def _pool(cfg: ScoreConfig) -> tuple[int, float, float]:
+    """(actors, CPUs per actor, CPUs per decode task) from the flags and the cluster."""
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus = float(resources.get("CPU", 1.0))
+    if cfg.gpus_per_worker > 0:
+        workers = cfg.workers or max(1, int(float(resources.get("GPU", 0.0)) // cfg.gpus_per_worker))
+        return workers, 1.0, 1.0
+    workers = cfg.workers or 1
+    # Leave at least one CPU for read/decode tasks: an actor pool that reserves every
+    # CPU starves them and the job hangs. TensorFlow still uses every core it finds.
+    decode_cpus = 1.0 if cpus >= 2 else 0.5
+    actor_cpus = max(0.1, min(1.0, (cpus - decode_cpus) / workers))
+    return workers, round(actor_cpus, 3), decode_cpus
+
+
+def build_dataset(cfg: ScoreConfig, run_id: str, pending: list[Shard], size: int, channels: int) -> Any:
+    """The Ray Data pipeline (lazy): manifest rows -> decode tasks -> ScoreActor pool.
+
+    Needs a connected Ray (it sizes the pool from the cluster's resources).
+    """
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    so = dict(cfg.storage_options)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver prints its own progress lines
+    ctx.print_on_execution_start = False
+    ctx.wait_for_min_actors_s = WAIT_FOR_ACTORS_S
+    workers, actor_cpus, decode_cpus = _pool(cfg)
+    log(
+        f"run {run_id}: {len(pending)} shards to score with {workers} actor(s) "
+        f"({actor_cpus:g} CPU, {cfg.gpus_per_worker:g} GPU each), batch {cfg.batch_size}"
+    )
+    manifest: ray.data.Dataset = ray.data.from_items([s.to_row() for s in pending], override_num_blocks=len(pending))
+    ds = manifest.map_batches(
+        decode_shards,  # type: ignore[arg-type]  # a generator of tables: Ray Data's stubs miss keyword-only UDFs
+        batch_size=1,  # one shard per call: the unit of work
+        batch_format="pyarrow",
+        fn_kwargs={
+            "size": size,
+            "channels": channels,
+            "storage_options": so,
+            "chunk_rows": cfg.decode_chunk,
+            "max_pixels": cfg.max_pixels,
+        },
+        num_cpus=decode_cpus,
+    )
+    return ds.map_batches(
+        ScoreActor,
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=workers),
+        fn_constructor_kwargs={"models": cfg.models, "storage_options": so, "run_id": run_id},
+        num_cpus=actor_cpus,
+        num_gpus=cfg.gpus_per_worker or None,
+        # What an actor holds (TensorFlow + the bundle), for the scheduler. It also keeps Ray
+        # Data from fusing the decode tasks into the actors (it fuses ops whose remote args
+        # match): fused, one actor task would take a bundle of `batch_size` manifest rows
+        # (up to 256 whole shards) and decoding would stop overlapping with scoring.
+        memory=ACTOR_MEMORY,
+        # Ray Data restarts a dead actor and retries its tasks by default
+        # (max_restarts=-1, max_task_retries=-1); a retried batch's rows are
+        # dropped as repeats by the ShardAssembler.
+    )
+
+
+def _run_pipeline(
+    cfg: ScoreConfig, plan: RunPlan, pending: list[Shard], size: int, channels: int, progress: Progress
+) -> None:
+    ds = build_dataset(cfg, plan.run_id, pending, size, channels)
+    assembler = ShardAssembler()
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for shard_id, tables in assembler.add(batch):
+            _commit(cfg, shard_id, tables, progress)
+    if assembler.open_shards:  # every row of a started shard carries on to the driver: a bug if not
+        raise RuntimeError(f"Internal error: shards left incomplete: {assembler.open_shards[:5]}")
+    # A shard with no images (an empty tar) yields no rows; the finished stream proves it empty.
+    seen = assembler.done
+    for shard in pending:
+        if shard.shard_id not in seen:
+            _commit(cfg, shard.shard_id, [], progress)
+    if assembler.duplicates:
+        log(f"dropped {assembler.duplicates} repeated rows (retried tasks)")
+    log(progress.line())
+
+
+def _commit(cfg: ScoreConfig, shard_id: str, tables: list[pa.Table], progress: Progress) -> None:
+    part = finish_part(tables)
+    commit_part(cfg.out, shard_id, part, cfg.storage_options)
+    progress.add(part)
