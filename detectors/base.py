@@ -107,11 +107,13 @@ class BaseDetector:
         self.fingerprint_ = fingerprint(images, labels)
         self.n_train_ = len(images)
         scores = calibration_scores
-        self.calibration_ = {
+        stats = {
             c.name: calibration_stats(np.asarray(scores[c.name], dtype=np.float64))
             for c in self.columns
             if c.direction is not None and c.name in scores
         }
+        # a column this configuration does not produce (all NaN: ae_kl without a VAE) has no calibration
+        self.calibration_ = {name: s for name, s in stats.items() if s["n"] > 0}
 
     def metadata(self) -> dict[str, Any]:
         self._check_fitted()

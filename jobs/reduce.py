@@ -254,7 +254,7 @@ def reduce(cfg: ReduceConfig) -> dict[str, Any]:
     columns: dict[str, _Column] = {}
     skipped: dict[str, str] = {}
     for s, (rule, is_explicit) in rules.items():
-        if rule.kind == "calibrated" and not is_explicit and s not in facts.calibration:
+        if rule.kind == "calibrated" and not is_explicit and not facts.calibration.get(s, {}).get("n"):
             skipped[s] = f"no calibration for this score in {model_uri} (detector absent from the model)"
             continue
         fitter = ThresholdFitter(
