@@ -24,7 +24,7 @@ from typing import Any
 DEMO_RULE = "calibrated"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="build a demo archive from the shipped digits and run the whole pipeline on it")
     p.add_argument(
         "--workdir", default="imgscan-demo", help="where the archive and outputs go (default ./imgscan-demo)"
