@@ -52,3 +52,18 @@ def upsample(maps: np.ndarray, height: int, width: int) -> np.ndarray:
         else np.zeros((0, height, width), np.float32)
     )
     return out[0] if single else out.astype(np.float32)
+
+
+def grid_mean(fmaps: np.ndarray, grid: int) -> np.ndarray:
+    """Average-pool feature maps over a ``grid`` x ``grid`` partition of their cells.
+
+    fmaps: float array (n, h, w, d) -> (n, g * g * d) with g = min(grid, h, w);
+    cells split as evenly as ``np.array_split`` does when h or w is not a
+    multiple of g. ``grid=1`` is global average pooling.
+    """
+    n, h, w, d = fmaps.shape
+    g = max(1, min(int(grid), h, w))
+    rows = np.array_split(np.arange(h), g)
+    cols = np.array_split(np.arange(w), g)
+    cells = [fmaps[:, r[0] : r[-1] + 1, c[0] : c[-1] + 1].mean(axis=(1, 2)) for r in rows for c in cols]
+    return np.concatenate(cells, axis=1) if n else np.zeros((0, g * g * d), fmaps.dtype)
