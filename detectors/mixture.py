@@ -46,7 +46,7 @@ from detectors.base import (
     split_validation,
 )
 from detectors.features import build_backbone_extractor, check_backbone, preprocess_for_backbone
-from detectors.maps import grid_mean, peak_location
+from detectors.maps import grid_mean, smoothed_peak
 from detectors.preprocessing import ImageBatch, check_non_empty, to_uint8_batch
 
 _MAX_LOCAL_VECTORS = 50_000  # subsample locations so fitting stays fast and bounded
@@ -186,7 +186,7 @@ class MixtureDetector(BaseDetector):
         if self.local and n:
             ll = self.local_.score_samples(fmaps.reshape(-1, d)).reshape(n, h, w)
             out["gmm_local_loglik"] = ll.reshape(n, -1).min(axis=1)
-            out["gmm_peak_y"], out["gmm_peak_x"] = peak_location(-ll)
+            out["gmm_peak_y"], out["gmm_peak_x"] = smoothed_peak(-ll, 8)
         else:
             out["gmm_local_loglik"] = np.full(n, np.nan)
             out["gmm_peak_y"] = out["gmm_peak_x"] = np.full(n, np.nan, np.float32)

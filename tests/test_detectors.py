@@ -196,3 +196,18 @@ def test_mixture_global_grid_sees_layout(digits16: Any) -> None:
 
     auc = roc_auc_score(np.r_[np.zeros(len(normal)), np.ones(len(others))], -np.r_[normal, others])
     assert auc > 0.9
+
+
+def test_smoothed_peak_prefers_the_hot_neighbourhood_over_one_hot_cell() -> None:
+    from detectors.maps import peak_location, smoothed_peak
+
+    maps = np.zeros((2, 16, 16), np.float32)
+    maps[0, 2, 13] = 5.0  # one isolated hot cell ...
+    maps[0, 8:12, 4:8] = 2.0  # ... and a hot 4x4 region
+    maps[1, 9:14, 2:7] = 1.0
+    y, x = peak_location(maps)
+    assert (y[0], x[0]) == ((2 + 0.5) / 16, (13 + 0.5) / 16)
+    sy, sx = smoothed_peak(maps, 4)  # 5x5-cell window
+    assert 8 / 16 <= sy[0] <= 12 / 16 and 4 / 16 <= sx[0] <= 8 / 16
+    assert (sy[1], sx[1]) == ((11 + 0.5) / 16, (4 + 0.5) / 16)  # centre of the 5x5 region
+    assert smoothed_peak(maps[:0], 4)[0].shape == (0,)
