@@ -33,7 +33,7 @@ from detectors.base import (
 )
 from detectors.defects import make_defects
 from detectors.features import BACKBONES, build_backbone_extractor, preprocess_for_backbone
-from detectors.maps import peak_location
+from detectors.maps import smoothed_peak
 from detectors.preprocessing import ImageBatch, check_image_size, check_non_empty, to_uint8_batch
 
 DEFECT_CLASS = "__defect__"
@@ -248,7 +248,7 @@ class CamDetector(BaseDetector):
         a = self.anomaly_index_
         map_class = np.full(n, a) if a is not None else pred
         maps = cams[np.arange(n), :, :, map_class] if n else cams[..., 0]
-        peak_y, peak_x = peak_location(maps)
+        peak_y, peak_x = smoothed_peak(maps, 4)
         return {
             "cam_pred": np.array([self.classes_[i] for i in pred], dtype=object),
             "cam_prob": probs[np.arange(n), pred] if n else np.zeros(0, np.float32),

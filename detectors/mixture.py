@@ -4,10 +4,20 @@ Features are conv feature maps (n, h', w', d) from the trained autoencoder's
 encoder (default: no weights needed) or a Keras application backbone with
 weights from a file the user names. Two mixtures are fitted:
 
-* a *global* one on global-average-pooled features -> ``gmm_loglik``;
+* a *global* one on features average-pooled over a coarse ``grid`` x ``grid``
+  of cells -> ``gmm_loglik``. ``grid=1`` is global average pooling, which
+  throws away where things are: on one-vs-rest digits it scored 0.88 (digit 3)
+  where a 2x2 grid scores 0.99+, since a digit is defined by the layout of
+  its strokes;
 * a *local* one on the feature vector of every location -> ``gmm_local_loglik``,
   the lowest log-likelihood over an image's locations (PaDiM-like: a small defect
   is one unlikely location, which the global average hides).
+
+Defaults measured with ``bench/accuracy.py``: one Gaussian (``n_components=1``)
+beats four on ~125 normal images (digits: 4 components over-fit, 0.90-0.97 vs
+0.99+); the local model is one Gaussian too (``local_components=1``): on brick
+textures it matched four (AUROC 0.995 vs 1.0, peak in the defect 90% vs 85%)
+and fits in 4 s instead of 119 s.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from detectors.base import (
     split_validation,
 )
 from detectors.features import build_backbone_extractor, check_backbone, preprocess_for_backbone
-from detectors.maps import peak_location
+from detectors.maps import grid_mean, smoothed_peak
 from detectors.preprocessing import ImageBatch, check_non_empty, to_uint8_batch
 
 _MAX_LOCAL_VECTORS = 50_000  # subsample locations so fitting stays fast and bounded
@@ -62,10 +72,12 @@ class MixtureDetector(BaseDetector):
         weights: str | None = None,
         input_size: int = 32,
         channels: int = 1,
-        n_components: int = 4,
+        grid: int = 2,
+        n_components: int = 1,
+        local_components: int = 1,
         covariance_type: str = "full",
         reg_covar: float = 1e-3,
-        pca_components: int | None = 32,
+        pca_components: int | None = 64,
         local: bool = True,
         autoencoder_params: dict[str, Any] | None = None,
         seed: int = 0,
@@ -75,7 +87,9 @@ class MixtureDetector(BaseDetector):
         self.weights = weights
         self.input_size = input_size
         self.channels = channels
+        self.grid = grid
         self.n_components = n_components
+        self.local_components = local_components
         self.covariance_type = covariance_type
         self.reg_covar = reg_covar
         self.pca_components = pca_components
@@ -100,6 +114,8 @@ class MixtureDetector(BaseDetector):
                 "Expected covariance_type in ['full', 'tied', 'diag', 'spherical']. "
                 f"Received: covariance_type={self.covariance_type!r}."
             )
+        if self.grid < 1:
+            raise ValueError(f"Expected grid >= 1. Received: grid={self.grid}.")
         if n < self.n_components:
             raise ValueError(f"Expected at least n_components={self.n_components} training images. Received: {n}.")
         seed_everything(self.seed)
@@ -120,19 +136,19 @@ class MixtureDetector(BaseDetector):
             )
         train_idx, val_idx = split_validation(n, 0.1, self.seed)
         fmaps = self._feature_maps(xb[train_idx])
-        pooled = fmaps.mean(axis=(1, 2))
-        self.global_ = self._mixture(pooled.shape[1], len(pooled)).fit(pooled)
+        pooled = grid_mean(fmaps, self.grid)
+        self.global_ = self._mixture(pooled.shape[1], len(pooled), self.n_components).fit(pooled)
         if self.local:
             vecs = fmaps.reshape(-1, fmaps.shape[-1])
             if len(vecs) > _MAX_LOCAL_VECTORS:
                 rng = np.random.default_rng(self.seed)
                 vecs = vecs[rng.choice(len(vecs), _MAX_LOCAL_VECTORS, replace=False)]
-            self.local_ = self._mixture(vecs.shape[1], len(vecs)).fit(vecs)
+            self.local_ = self._mixture(vecs.shape[1], len(vecs), self.local_components).fit(vecs)
         calib = xb[val_idx] if len(val_idx) else xb[train_idx]
         self._record_training(xb, self.score(calib))
         return self
 
-    def _mixture(self, dim: int, n: int) -> Pipeline:
+    def _mixture(self, dim: int, n: int, n_components: int) -> Pipeline:
         steps: list[tuple[str, Any]] = [("scale", StandardScaler())]
         k = self.pca_components
         if k is not None and k < dim:
@@ -141,7 +157,7 @@ class MixtureDetector(BaseDetector):
             (
                 "gmm",
                 GaussianMixture(
-                    n_components=self.n_components,
+                    n_components=n_components,
                     covariance_type=self.covariance_type,
                     reg_covar=self.reg_covar,
                     random_state=self.seed,
@@ -165,12 +181,12 @@ class MixtureDetector(BaseDetector):
         fmaps = self._feature_maps(xb)
         n, h, w, d = fmaps.shape
         out: dict[str, np.ndarray] = {
-            "gmm_loglik": self.global_.score_samples(fmaps.mean(axis=(1, 2))) if n else np.zeros(0),
+            "gmm_loglik": self.global_.score_samples(grid_mean(fmaps, self.grid)) if n else np.zeros(0),
         }
         if self.local and n:
             ll = self.local_.score_samples(fmaps.reshape(-1, d)).reshape(n, h, w)
             out["gmm_local_loglik"] = ll.reshape(n, -1).min(axis=1)
-            out["gmm_peak_y"], out["gmm_peak_x"] = peak_location(-ll)
+            out["gmm_peak_y"], out["gmm_peak_x"] = smoothed_peak(-ll, 8)
         else:
             out["gmm_local_loglik"] = np.full(n, np.nan)
             out["gmm_peak_y"] = out["gmm_peak_x"] = np.full(n, np.nan, np.float32)

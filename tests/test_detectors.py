@@ -164,3 +164,50 @@ def test_cam_classifier_layers_are_named() -> None:
         assert model.get_layer(name) is not None
     with pytest.raises(ValueError, match="at least 2 classes"):
         build_cam_classifier(num_classes=1)
+
+
+def test_grid_mean_pools_cells_in_order() -> None:
+    from detectors.maps import grid_mean
+
+    fmaps = np.arange(2 * 4 * 4 * 3, dtype=np.float64).reshape(2, 4, 4, 3)
+    np.testing.assert_allclose(grid_mean(fmaps, 1), fmaps.mean(axis=(1, 2)))
+    g2 = grid_mean(fmaps, 2).reshape(2, 4, 3)  # cells row-major: top-left, top-right, ...
+    np.testing.assert_allclose(g2[:, 0], fmaps[:, :2, :2].mean(axis=(1, 2)))
+    np.testing.assert_allclose(g2[:, 3], fmaps[:, 2:, 2:].mean(axis=(1, 2)))
+    # a grid finer than the map is clipped to the map; uneven splits are allowed
+    assert grid_mean(fmaps, 9).shape == (2, 16 * 3)
+    assert grid_mean(np.zeros((1, 5, 5, 2)), 2).shape == (1, 8)
+
+
+def test_mixture_grid_must_be_positive(digits16: Any) -> None:
+    images, _ = digits16
+    with pytest.raises(ValueError, match="grid >= 1"):
+        MixtureDetector(input_size=16, grid=0).fit(images[:20])
+
+
+def test_mixture_global_grid_sees_layout(digits16: Any) -> None:
+    """Trained on zeros, the 2x2-grid mixture ranks held-out zeros above other digits."""
+    images, labels = digits16
+    zeros = images[labels == 0]
+    det = MixtureDetector(input_size=16, autoencoder_params={"epochs": 20, "filters": (8, 16)}).fit(zeros[:120])
+    normal = det.score(zeros[120:])["gmm_loglik"]
+    others = det.score(images[labels != 0][:200])["gmm_loglik"]
+    from sklearn.metrics import roc_auc_score
+
+    auc = roc_auc_score(np.r_[np.zeros(len(normal)), np.ones(len(others))], -np.r_[normal, others])
+    assert auc > 0.9
+
+
+def test_smoothed_peak_prefers_the_hot_neighbourhood_over_one_hot_cell() -> None:
+    from detectors.maps import peak_location, smoothed_peak
+
+    maps = np.zeros((2, 16, 16), np.float32)
+    maps[0, 2, 13] = 5.0  # one isolated hot cell ...
+    maps[0, 8:12, 4:8] = 2.0  # ... and a hot 4x4 region
+    maps[1, 9:14, 2:7] = 1.0
+    y, x = peak_location(maps)
+    assert (y[0], x[0]) == ((2 + 0.5) / 16, (13 + 0.5) / 16)
+    sy, sx = smoothed_peak(maps, 4)  # 5x5-cell window
+    assert 8 / 16 <= sy[0] <= 12 / 16 and 4 / 16 <= sx[0] <= 8 / 16
+    assert (sy[1], sx[1]) == ((11 + 0.5) / 16, (4 + 0.5) / 16)  # centre of the 5x5 region
+    assert smoothed_peak(maps[:0], 4)[0].shape == (0,)
