@@ -5,7 +5,7 @@ Trained on labelled images. When only one class is given (normal images only),
 it learns "normal" against self-made defects (``detectors.defects``) and its
 ``cam_anomaly`` is the probability of a defect.
 
-Columns: ``cam_pred`` (class name), ``cam_prob`` (its probability),
+Columns: ``cam_pred`` (class name), ``cam_prob`` (its probability; low = out of distribution),
 ``cam_anomaly`` (probability of the anomalous class: the labelled
 ``anomaly_class`` or the self-made defect class; NaN when there is none),
 ``cam_map`` (flattened map at feature-map resolution, row-major, of the
@@ -96,7 +96,8 @@ class CamDetector(BaseDetector):
     _fitted_attr: ClassVar[str] = "cam_model_"
     columns: ClassVar[tuple[ScoreColumn, ...]] = (
         ScoreColumn("cam_pred", "string", None, "predicted class"),
-        ScoreColumn("cam_prob", "float32", None, "probability of the predicted class"),
+        # low confidence = out of distribution (the maximum-softmax-probability baseline)
+        ScoreColumn("cam_prob", "float32", "low", "probability of the predicted class"),
         ScoreColumn("cam_anomaly", "float32", "high", "probability of the anomalous class"),
         ScoreColumn("cam_map", "list<float32>", None, "class activation map, row-major"),
         ScoreColumn("cam_peak_y", "float32", None, "row of the map's peak, fraction of height"),

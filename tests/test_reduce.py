@@ -104,7 +104,7 @@ def test_thresholds_equal_numpy_and_flags_are_exactly_the_rows_beyond(tmp_path: 
     out = str(tmp_path / "out")
     summary = reduce(ReduceConfig(results, out, rules=(rule, "cam_mismatch=off"), report=False))
     th = read_json(join(out, "thresholds.json"))
-    assert th["run_id"] == "run-1" and set(th["thresholds"]) == {"recon_error", "gmm_loglik"}
+    assert th["run_id"] == "run-1" and set(th["thresholds"]) == {"recon_error", "gmm_loglik", "cam_prob"}
     for col, direction in (("recon_error", "high"), ("gmm_loglik", "low")):
         v, ids = valid(rows, col)
         kind, _, p = rule.partition(":")
@@ -206,7 +206,7 @@ def test_calibrated_rule_and_label_audit_use_the_bundle(tmp_path: Any) -> None:
     out = str(tmp_path / "out")
     s = reduce(ReduceConfig(results, out, rules=("recon_error=calibrated:0.99", "gmm_loglik=off"), report=False))
     th = read_json(join(out, "thresholds.json"))
-    assert set(th["thresholds"]) == {"recon_error"}
+    assert set(th["thresholds"]) == {"recon_error", "cam_prob"}  # cam_prob: the default rule
     assert th["thresholds"]["recon_error"]["value"] == pytest.approx(np.quantile(normal, 0.99), rel=1e-12)
     assert th["thresholds"]["recon_error"]["n"] == 4000
     assert th["label_audit"]["classes"] == ["0", "1", "anomaly"]
@@ -231,6 +231,7 @@ def test_defaults_need_no_flags(tmp_path: Any, capsys: Any) -> None:
     assert {k: v["rule"] for k, v in th["thresholds"].items()} == {
         "recon_error": "quantile:0.999",
         "gmm_loglik": "quantile:0.999",
+        "cam_prob": "quantile:0.999",
     }
     assert "ocsvm_score" in th["skipped"] and "cam_anomaly" in th["skipped"]
     assert "label_audit" in th  # cam_pred present: the audit runs by default

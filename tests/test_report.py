@@ -106,7 +106,8 @@ def test_every_input_is_counted_and_errors_are_per_shard(reduced: dict[str, Any]
     s = reduced["summary"]
     assert s["rows"] == reduced["n"] == 135 and s["errors"] == 3 and s["scored"] == 132
     assert sum(v["errors"] for v in s["errors_per_shard"].values()) == 3
-    assert set(s["scores"]) == {"recon_error", "recon_local"}  # cam_anomaly: no anomaly class in this model
+    # cam_anomaly: no anomaly class in this model; cam_prob: low confidence
+    assert set(s["scores"]) == {"recon_error", "recon_local", "cam_prob"}
     assert s["labels"]["anomalies"] == 12
     assert 0.0 <= s["scores"]["recon_error"]["roc_auc"] <= 1.0
 
