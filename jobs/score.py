@@ -56,7 +56,7 @@ class ScoreConfig:
     out: str
     run_id: str | None = None
     address: str | None = None  # None: RAY_ADDRESS if set (inside `ray job submit`), else Ray in-process
-    workers: int | None = None  # scoring actors; None: one per GPU, or 1 on CPU
+    workers: int | None = None  # scoring actors; None: one per GPU, or one per CPU
     gpus_per_worker: float = 0.0
     batch_size: int = 256
     num_cpus: int | None = None  # in-process Ray only; None: every core
@@ -111,10 +111,13 @@ def decode_shards(
 class ScoreActor:
     """Ray Data actor: loads the bundle ONCE, then scores decoded tables (error rows pass through)."""
 
-    def __init__(self, models: str, storage_options: dict[str, Any], run_id: str) -> None:
+    def __init__(self, models: str, storage_options: dict[str, Any], run_id: str, threads: int | None = None) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
 
+        if threads:  # CPU actors share the cores: one TensorFlow pool per actor, sized to its share
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
         # before any model is built: TensorFlow otherwise takes all GPU memory up front
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
@@ -299,9 +302,11 @@ def _pool(cfg: ScoreConfig) -> tuple[int, float, float]:
     if cfg.gpus_per_worker > 0:
         workers = cfg.workers or max(1, int(float(resources.get("GPU", 0.0)) // cfg.gpus_per_worker))
         return workers, 1.0, 1.0
-    workers = cfg.workers or 1
+    # One actor per CPU: the scikit-learn parts of a bundle (HOG + OneClassSVM, the mixture)
+    # run on one thread, so actors, not threads, use the cores.
+    workers = cfg.workers or max(1, int(cpus))
     # Leave at least one CPU for read/decode tasks: an actor pool that reserves every
-    # CPU starves them and the job hangs. TensorFlow still uses every core it finds.
+    # CPU starves them and the job hangs.
     decode_cpus = 1.0 if cpus >= 2 else 0.5
     actor_cpus = max(0.1, min(1.0, (cpus - decode_cpus) / workers))
     return workers, round(actor_cpus, 3), decode_cpus
@@ -344,7 +349,12 @@ def build_dataset(cfg: ScoreConfig, run_id: str, pending: list[Shard], size: int
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=workers),
-        fn_constructor_kwargs={"models": cfg.models, "storage_options": so, "run_id": run_id},
+        fn_constructor_kwargs={
+            "models": cfg.models,
+            "storage_options": so,
+            "run_id": run_id,
+            "threads": None if cfg.gpus_per_worker > 0 else max(1, math.floor(actor_cpus)),
+        },
         num_cpus=actor_cpus,
         num_gpus=cfg.gpus_per_worker or None,
         # What an actor holds (TensorFlow + the bundle), for the scheduler. It also keeps Ray

@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="RAY_ADDRESS",
         help="Ray cluster to run on ('auto', 'host:6379'); default: RAY_ADDRESS if set, else Ray in this process",
     )
-    p.add_argument("--workers", type=int, metavar="N", help="scoring actors (default: one per GPU, or 1 on CPU)")
+    p.add_argument("--workers", type=int, metavar="N", help="scoring actors (default: one per GPU, or one per CPU)")
     p.add_argument(
         "--gpus-per-worker", type=float, default=0.0, metavar="F", help="GPUs per scoring actor (default 0: CPU)"
     )
