@@ -28,6 +28,7 @@ from detectors.base import (
     seed_everything,
     split_validation,
 )
+from detectors.columns import COLUMNS
 from detectors.layers import KLDivergence, Sampling
 from detectors.maps import box_mean, peak_location
 from detectors.preprocessing import (
@@ -107,13 +108,7 @@ class AutoencoderDetector(BaseDetector):
     """
 
     name: ClassVar[str] = "autoencoder"
-    columns: ClassVar[tuple[ScoreColumn, ...]] = (
-        ScoreColumn("recon_error", "float32", "high", "per-image mean squared reconstruction error"),
-        ScoreColumn("recon_local", "float32", "high", "largest local mean of the squared error map"),
-        ScoreColumn("recon_peak_y", "float32", None, "row of the local error peak, fraction of height"),
-        ScoreColumn("recon_peak_x", "float32", None, "column of the local error peak, fraction of width"),
-        ScoreColumn("ae_kl", "float32", "high", "KL divergence of the latent (VAE only)"),
-    )
+    columns: ClassVar[tuple[ScoreColumn, ...]] = COLUMNS["autoencoder"]
 
     def __init__(
         self,

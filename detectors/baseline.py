@@ -13,6 +13,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import OneClassSVM
 
 from detectors.base import BaseDetector, ScoreColumn, sklearn_from_bytes, sklearn_to_bytes
+from detectors.columns import COLUMNS
 from detectors.preprocessing import ImageBatch, check_image_size, check_non_empty, to_uint8_batch
 
 
@@ -41,9 +42,7 @@ class OcsvmDetector(BaseDetector):
 
     name: ClassVar[str] = "ocsvm"
     _fitted_attr: ClassVar[str] = "pipeline_"
-    columns: ClassVar[tuple[ScoreColumn, ...]] = (
-        ScoreColumn("ocsvm_score", "float64", "low", "OneClassSVM score of HOG features"),
-    )
+    columns: ClassVar[tuple[ScoreColumn, ...]] = COLUMNS["ocsvm"]
 
     def __init__(
         self,

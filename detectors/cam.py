@@ -31,6 +31,7 @@ from detectors.base import (
     seed_everything,
     split_validation,
 )
+from detectors.columns import COLUMNS
 from detectors.defects import make_defects
 from detectors.features import BACKBONES, build_backbone_extractor, preprocess_for_backbone
 from detectors.maps import smoothed_peak
@@ -94,15 +95,7 @@ class CamDetector(BaseDetector):
 
     name: ClassVar[str] = "cam"
     _fitted_attr: ClassVar[str] = "cam_model_"
-    columns: ClassVar[tuple[ScoreColumn, ...]] = (
-        ScoreColumn("cam_pred", "string", None, "predicted class"),
-        # low confidence = out of distribution (the maximum-softmax-probability baseline)
-        ScoreColumn("cam_prob", "float32", "low", "probability of the predicted class"),
-        ScoreColumn("cam_anomaly", "float32", "high", "probability of the anomalous class"),
-        ScoreColumn("cam_map", "list<float32>", None, "class activation map, row-major"),
-        ScoreColumn("cam_peak_y", "float32", None, "row of the map's peak, fraction of height"),
-        ScoreColumn("cam_peak_x", "float32", None, "column of the map's peak, fraction of width"),
-    )
+    columns: ClassVar[tuple[ScoreColumn, ...]] = COLUMNS["cam"]
 
     def __init__(
         self,

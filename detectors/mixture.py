@@ -45,6 +45,7 @@ from detectors.base import (
     sklearn_to_bytes,
     split_validation,
 )
+from detectors.columns import COLUMNS
 from detectors.features import build_backbone_extractor, check_backbone, preprocess_for_backbone
 from detectors.maps import grid_mean, smoothed_peak
 from detectors.preprocessing import ImageBatch, check_non_empty, to_uint8_batch
@@ -57,12 +58,7 @@ class MixtureDetector(BaseDetector):
 
     name: ClassVar[str] = "mixture"
     _fitted_attr: ClassVar[str] = "global_"
-    columns: ClassVar[tuple[ScoreColumn, ...]] = (
-        ScoreColumn("gmm_loglik", "float64", "low", "log-likelihood of pooled features"),
-        ScoreColumn("gmm_local_loglik", "float64", "low", "lowest log-likelihood over feature-map locations"),
-        ScoreColumn("gmm_peak_y", "float32", None, "row of the least likely location, fraction of height"),
-        ScoreColumn("gmm_peak_x", "float32", None, "column of the least likely location, fraction of width"),
-    )
+    columns: ClassVar[tuple[ScoreColumn, ...]] = COLUMNS["mixture"]
 
     def __init__(
         self,

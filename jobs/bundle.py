@@ -18,11 +18,13 @@ import datetime as dt
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from detectors import DETECTORS, BaseDetector
 from detectors.preprocessing import ImageBatch
 from jobs.storage import StorageError, StorageOptions, join, read_bytes, read_json, write_bytes, write_json
+
+if TYPE_CHECKING:  # the detectors import TensorFlow: only load() needs them
+    from detectors import BaseDetector
 
 BUNDLE_FORMAT = 1
 
@@ -86,6 +88,8 @@ class ModelBundle:
 
     @classmethod
     def load(cls, uri: str, storage_options: StorageOptions | None = None) -> ModelBundle:
+        from detectors import DETECTORS
+
         manifest = read_manifest(uri, storage_options)
         detectors: dict[str, BaseDetector] = {}
         for name, fnames in manifest["detectors"].items():

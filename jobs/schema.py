@@ -11,8 +11,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from detectors import DETECTORS
 from detectors.base import Direction
+from detectors.columns import COLUMNS
 
 _ARROW_TYPES: dict[str, pa.DataType] = {
     "float32": pa.float32(),
@@ -47,14 +47,14 @@ TRAILER = pa.schema(
 
 def _score_fields() -> list[pa.Field]:
     fields = []
-    for cls in DETECTORS.values():
-        for col in cls.columns:
+    for detector, columns in COLUMNS.items():
+        for col in columns:
             fields.append(
                 pa.field(
                     col.name,
                     _ARROW_TYPES[col.dtype],
                     metadata={
-                        "detector": cls.name,
+                        "detector": detector,
                         "direction": col.direction or "",
                         "description": col.description,
                     },
@@ -67,11 +67,11 @@ RESULT_SCHEMA: pa.Schema = pa.schema([*BOOKKEEPING, *_score_fields(), *TRAILER])
 
 #: score column -> the side that is anomalous ("high" or "low")
 SCORE_DIRECTIONS: dict[str, Direction] = {
-    col.name: col.direction for cls in DETECTORS.values() for col in cls.columns if col.direction is not None
+    col.name: col.direction for columns in COLUMNS.values() for col in columns if col.direction is not None
 }
 
 #: score column -> detector name
-SCORE_DETECTOR: dict[str, str] = {col.name: cls.name for cls in DETECTORS.values() for col in cls.columns}
+SCORE_DETECTOR: dict[str, str] = {col.name: detector for detector, columns in COLUMNS.items() for col in columns}
 
 
 def empty_row() -> dict[str, Any]:

@@ -47,3 +47,14 @@ def test_detector_names_match_the_registry() -> None:
 
     assert tuple(DETECTORS) == DETECTOR_NAMES
     assert all(cls.name == name for name, cls in DETECTORS.items())
+
+
+def test_decode_side_of_the_scoring_job_does_not_import_tensorflow() -> None:
+    """Ray's decode tasks import jobs.score/jobs.scoring: TensorFlow there would cost
+    every decode worker ~700 MB and seconds of start-up."""
+    code = (
+        "import sys, jobs.score, jobs.scoring, jobs.schema, jobs.ledger, jobs.bundle; "
+        "sys.exit(1 if 'tensorflow' in sys.modules or 'keras' in sys.modules else 0)"
+    )
+    res = _run(sys.executable, "-c", code)
+    assert res.returncode == 0, res.stderr

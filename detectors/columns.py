@@ -1,0 +1,36 @@
+"""The output columns of every detector, declared once.
+
+Kept apart from the detector classes (and free of TensorFlow) so that the
+Parquet schema (``jobs.schema``) can be built in processes that never load a
+model, such as the decode tasks of the scoring job.
+"""
+
+from __future__ import annotations
+
+from detectors.base import ScoreColumn
+
+COLUMNS: dict[str, tuple[ScoreColumn, ...]] = {
+    "autoencoder": (
+        ScoreColumn("recon_error", "float32", "high", "per-image mean squared reconstruction error"),
+        ScoreColumn("recon_local", "float32", "high", "largest local mean of the squared error map"),
+        ScoreColumn("recon_peak_y", "float32", None, "row of the local error peak, fraction of height"),
+        ScoreColumn("recon_peak_x", "float32", None, "column of the local error peak, fraction of width"),
+        ScoreColumn("ae_kl", "float32", "high", "KL divergence of the latent (VAE only)"),
+    ),
+    "mixture": (
+        ScoreColumn("gmm_loglik", "float64", "low", "log-likelihood of pooled features"),
+        ScoreColumn("gmm_local_loglik", "float64", "low", "lowest log-likelihood over feature-map locations"),
+        ScoreColumn("gmm_peak_y", "float32", None, "row of the least likely location, fraction of height"),
+        ScoreColumn("gmm_peak_x", "float32", None, "column of the least likely location, fraction of width"),
+    ),
+    "cam": (
+        ScoreColumn("cam_pred", "string", None, "predicted class"),
+        # low confidence = out of distribution (the maximum-softmax-probability baseline)
+        ScoreColumn("cam_prob", "float32", "low", "probability of the predicted class"),
+        ScoreColumn("cam_anomaly", "float32", "high", "probability of the anomalous class"),
+        ScoreColumn("cam_map", "list<float32>", None, "class activation map, row-major"),
+        ScoreColumn("cam_peak_y", "float32", None, "row of the map's peak, fraction of height"),
+        ScoreColumn("cam_peak_x", "float32", None, "column of the map's peak, fraction of width"),
+    ),
+    "ocsvm": (ScoreColumn("ocsvm_score", "float64", "low", "OneClassSVM score of HOG features"),),
+}
