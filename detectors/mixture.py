@@ -188,16 +188,7 @@ class MixtureDetector(BaseDetector):
             out["gmm_peak_y"] = out["gmm_peak_x"] = np.full(n, np.nan, np.float32)
         return out
 
-    def local_loglik_map(self, images: ImageBatch) -> np.ndarray:
-        """float64 (n, h', w'): log-likelihood of each feature-map location."""
-        self._check_fitted()
-        fmaps = self._feature_maps(to_uint8_batch(images, self.input_size, self.channels))
-        n, h, w, d = fmaps.shape
-        return self.local_.score_samples(fmaps.reshape(-1, d)).reshape(n, h, w)
-
     # -- persistence
-    _SKLEARN_TYPES: ClassVar[tuple[str, ...]] = ()
-
     def to_files(self) -> dict[str, bytes]:
         self._check_fitted()
         files = {
@@ -214,8 +205,8 @@ class MixtureDetector(BaseDetector):
         meta = cls._read_metadata(files, cls.name)
         det = cls(**meta["params"])
         det.extractor_ = keras_from_bytes(files["features.keras"])
-        det.global_ = sklearn_from_bytes(files["global.skops"], cls._SKLEARN_TYPES)
+        det.global_ = sklearn_from_bytes(files["global.skops"])
         if det.local:
-            det.local_ = sklearn_from_bytes(files["local.skops"], cls._SKLEARN_TYPES)
+            det.local_ = sklearn_from_bytes(files["local.skops"])
         det._restore_metadata(meta)
         return det

@@ -72,17 +72,23 @@ class ModelBundle:
         self.created_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         for path, data in files.items():
             write_bytes(join(uri, path), data, storage_options)
-        write_json(join(uri, "bundle.json"), self.manifest(), storage_options)
+        write_json(join(uri, "bundle.json"), self.manifest(files), storage_options)
         return self.version
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self, files: Mapping[str, bytes]) -> dict[str, Any]:
+        """bundle.json for the detector ``files`` just written (``files()``: Keras
+        serialises through a temp file, so it is done once per save)."""
+        listing: dict[str, list[str]] = {name: [] for name in self.detectors}
+        for path in sorted(files):
+            name, _, fname = path.partition("/")
+            listing[name].append(fname)
         return {
             "format": BUNDLE_FORMAT,
             "version": self.version,
             "created_at": self.created_at,
             "input_size": self.input_size,
             "channels": self.channels,
-            "detectors": {name: sorted(det.to_files()) for name, det in self.detectors.items()},
+            "detectors": listing,
             "training": self.training,
         }
 

@@ -48,6 +48,13 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
     return value
 
 
+def add_source(p: argparse.ArgumentParser) -> None:
+    """``--source SRC``: the same kinds of source for every verb (see jobs/sources.py)."""
+    p.add_argument(
+        "--source", required=True, metavar="SRC", help="folder/prefix of images, tar or Parquet shards (any fsspec URI)"
+    )
+
+
 def add_storage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--storage-options",

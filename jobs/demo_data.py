@@ -104,9 +104,7 @@ def corrupt_samples(image: np.ndarray, label: str | None = None) -> list[Sample]
 def write_folder(uri: str, items: Sequence[Sample], storage_options: StorageOptions | None = None) -> None:
     """``uri/<label>/<key>.png`` (``uri/<key>.png`` when unlabelled)."""
     for s in items:
-        write_bytes(
-            join(uri, s.label or "", f"{s.key}.png") if s.label else join(uri, f"{s.key}.png"), s.data, storage_options
-        )
+        write_bytes(join(uri, s.label or "", f"{s.key}.png"), s.data, storage_options)
 
 
 def write_tar_shards(

@@ -70,13 +70,6 @@ SCORE_DIRECTIONS: dict[str, Direction] = {
     col.name: col.direction for columns in COLUMNS.values() for col in columns if col.direction is not None
 }
 
-#: score column -> detector name
-SCORE_DETECTOR: dict[str, str] = {col.name: detector for detector, columns in COLUMNS.items() for col in columns}
-
-
-def empty_row() -> dict[str, Any]:
-    return {name: None for name in RESULT_SCHEMA.names}
-
 
 def to_table(rows: list[dict[str, Any]]) -> pa.Table:
     """Rows (dicts with any subset of the schema's columns) -> a table of RESULT_SCHEMA."""

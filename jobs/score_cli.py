@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_storage_options
+    from jobs.cli import add_source, add_storage_options
 
     p = sub.add_parser(
         "score",
@@ -14,9 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Score every image of SRC with the detectors of MODEL_URI and write one Parquet part per "
         "shard under RESULTS_URI/parts/. A killed run resumes with the same --run-id.",
     )
-    p.add_argument(
-        "--source", required=True, metavar="SRC", help="folder/prefix of images, tar or Parquet shards (any fsspec URI)"
-    )
+    add_source(p)
     p.add_argument("--models", required=True, metavar="MODEL_URI", help="model bundle written by 'imgscan train'")
     p.add_argument("--out", required=True, metavar="RESULTS_URI", help="where _run.json and parts/ go")
     p.add_argument("--run-id", metavar="ID", help="name of this run; pass the id of a stopped run to resume it")

@@ -101,7 +101,7 @@ def list_files(uri: str, storage_options: StorageOptions | None = None) -> list[
         return []
     out = []
     for p, info in sorted(found.items()):
-        if info.get("type") == "directory" or any(part.startswith(".") for part in p.split("/")[-1:]):
+        if info.get("type") == "directory" or posixpath.basename(p).startswith("."):
             continue
         out.append({**info, "name": qualify(fs, p), "path": p})
     return out

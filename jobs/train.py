@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from detectors import DETECTORS, AutoencoderDetector, BaseDetector, CamDetector, MixtureDetector, OcsvmDetector
+from detectors.base import fingerprint
 from detectors.preprocessing import resize_uint8
 from jobs.bundle import ModelBundle
 from jobs.images import decode_image
@@ -167,8 +168,6 @@ def train(cfg: TrainConfig) -> ModelBundle:
             det = OcsvmDetector(input_size=cfg.image_size, seed=cfg.seed).fit(x_normal)
         fitted[name] = det
         log(f"trained {name} in {time.monotonic() - t0:.1f}s")
-    from detectors.base import fingerprint
-
     bundle = ModelBundle(
         detectors=fitted,
         input_size=cfg.image_size,

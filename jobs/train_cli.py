@@ -9,7 +9,7 @@ from detectors import DETECTOR_NAMES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_storage_options
+    from jobs.cli import add_source, add_storage_options
 
     p = sub.add_parser(
         "train",
@@ -17,9 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Train the detectors on SRC (class subfolders give labels) and write one "
         "model bundle under MODEL_URI.",
     )
-    p.add_argument(
-        "--source", required=True, metavar="SRC", help="folder/prefix of images, tar or Parquet shards (any fsspec URI)"
-    )
+    add_source(p)
     p.add_argument("--out", required=True, metavar="MODEL_URI", help="where to write the bundle")
     p.add_argument(
         "--detectors",
