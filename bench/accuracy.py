@@ -13,9 +13,9 @@ Two real-image benchmarks, every number from one run on the same seeded splits:
   training. Image AUROC, and localization: how often a detector's peak
   (fractions of height/width) falls inside the pasted patch.
 
-The imgscan detectors are built and fitted exactly as ``imgscan train`` does
-with its defaults (``jobs/train.py``); only the image size is the one that fits
-the data (32 for digits, 64 for the 64x64 crops). Baselines on raw pixels:
+The imgscan detectors are built and fitted by ``jobs.train.fit_detectors``, as
+``imgscan train`` does, with its defaults; only the image size is the one that
+fits the data (32 for digits, 64 for the 64x64 crops). Baselines on raw pixels:
 IsolationForest, kNN distance (mean distance to the 5 nearest training images),
 GaussianMixture on PCA(32); and HOG + OneClassSVM (imgscan's ``ocsvm``).
 
@@ -29,7 +29,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,8 @@ from sklearn.mixture import GaussianMixture
 from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import make_pipeline
 
-from detectors import AutoencoderDetector, BaseDetector, CamDetector, MixtureDetector, OcsvmDetector
+from detectors import BaseDetector
+from jobs.train import TrainConfig, fit_detectors
 
 SEED = 0
 TEXTURE_CROP = 64
@@ -69,37 +70,13 @@ class Fitted:
 
 
 def fit_imgscan(x: np.ndarray, *, image_size: int, params: dict[str, dict[str, Any]]) -> Fitted:
-    """Fit the four detectors on normal uint8 images (n, s, s) the way
-    ``jobs.train.train`` does with its defaults (one label: CAM learns normal vs
-    self-made defects; the mixture reuses the autoencoder's encoder).
-    ``params`` overrides hyper-parameters per detector (for tuning runs)."""
-    common: dict[str, Any] = {"input_size": image_size, "channels": 1, "seed": SEED}
-    epochs = 30  # TrainConfig.epochs
-    out = Fitted({})
-
-    def timed(name: str, fn: Callable[[], BaseDetector]) -> None:
-        t0 = time.monotonic()
-        out.detectors[name] = fn()
-        out.fit_seconds[name] = time.monotonic() - t0
-
-    ae_kw = {**common, "epochs": epochs, "variational": False, **params.get("autoencoder", {})}
-    timed("autoencoder", lambda: AutoencoderDetector(**ae_kw).fit(x))
-    ae = out.detectors["autoencoder"]
-    assert isinstance(ae, AutoencoderDetector)
-    mix_kw = {**common, "backbone": "autoencoder", "weights": None, **params.get("mixture", {})}
-    timed("mixture", lambda: MixtureDetector(**mix_kw).fit(x, encoder=ae.encoder_model()))
-    cam_kw = {
-        **common,
-        "epochs": epochs,
-        "backbone": "small",
-        "weights": None,
-        "anomaly_class": None,
-        **params.get("cam", {}),
-    }
-    timed("cam", lambda: CamDetector(**cam_kw).fit(x))
-    oc_kw = {"input_size": image_size, "seed": SEED, **params.get("ocsvm", {})}
-    timed("ocsvm", lambda: OcsvmDetector(**oc_kw).fit(x))
-    return out
+    """Fit the four detectors on normal uint8 images (n, s, s) with ``jobs.train.fit_detectors``,
+    the function ``imgscan train`` uses, and its defaults (one label: the CAM learns normal vs
+    self-made defects; the mixture reuses the autoencoder's encoder). ``params`` overrides
+    hyper-parameters per detector, as ``imgscan train --param`` does."""
+    cfg = TrainConfig(source="<bench>", out="<bench>", image_size=image_size, channels=1, seed=SEED, params=params)
+    fitted, seconds = fit_detectors(cfg, x[..., None], [None] * len(x), np.ones(len(x), bool), channels=1)
+    return Fitted(fitted, seconds)
 
 
 def score_imgscan(fitted: Fitted, x: np.ndarray) -> dict[str, dict[str, np.ndarray]]:

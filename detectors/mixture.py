@@ -8,7 +8,8 @@ weights from a file the user names. Two mixtures are fitted:
   of cells -> ``gmm_loglik``. ``grid=1`` is global average pooling, which
   throws away where things are: on one-vs-rest digits it scored 0.88 (digit 3)
   where a 2x2 grid scores 0.99+, since a digit is defined by the layout of
-  its strokes;
+  its strokes; a 4x4 grid scores higher still (all ten digits, 32 px: mean
+  AUROC 0.9955 -> 0.9988 with ``standardize=False``);
 * a *local* one on the feature vector of every location -> ``gmm_local_loglik``,
   the lowest log-likelihood over an image's locations (PaDiM-like: a small defect
   is one unlikely location, which the global average hides).
@@ -18,6 +19,12 @@ beats four on ~125 normal images (digits: 4 components over-fit, 0.90-0.97 vs
 0.99+); the local model is one Gaussian too (``local_components=1``): on brick
 textures it matched four (AUROC 0.995 vs 1.0, peak in the defect 90% vs 85%)
 and fits in 4 s instead of 119 s.
+
+Features are not standardised before PCA by default (``standardize=False``):
+PCA then keeps the directions in which the features really vary, where
+unit-variance scaling lifts the many near-constant channels to the same weight
+(digits, 4x4 grid: 0.9955 scaled vs 0.9988 not; the local model is unaffected,
+brick AUROC 0.996 either way).
 """
 
 from __future__ import annotations
@@ -68,12 +75,13 @@ class MixtureDetector(BaseDetector):
         weights: str | None = None,
         input_size: int = 32,
         channels: int = 1,
-        grid: int = 2,
+        grid: int = 4,
         n_components: int = 1,
         local_components: int = 1,
         covariance_type: str = "full",
         reg_covar: float = 1e-3,
         pca_components: int | None = 64,
+        standardize: bool = False,
         local: bool = True,
         autoencoder_params: dict[str, Any] | None = None,
         seed: int = 0,
@@ -89,6 +97,7 @@ class MixtureDetector(BaseDetector):
         self.covariance_type = covariance_type
         self.reg_covar = reg_covar
         self.pca_components = pca_components
+        self.standardize = standardize
         self.local = local
         self.autoencoder_params = autoencoder_params
         self.seed = seed
@@ -145,7 +154,7 @@ class MixtureDetector(BaseDetector):
         return self
 
     def _mixture(self, dim: int, n: int, n_components: int) -> Pipeline:
-        steps: list[tuple[str, Any]] = [("scale", StandardScaler())]
+        steps: list[tuple[str, Any]] = [("scale", StandardScaler())] if self.standardize else []
         k = self.pca_components
         if k is not None and k < dim:
             steps.append(("pca", PCA(n_components=min(k, n), random_state=self.seed)))

@@ -8,9 +8,11 @@ every label (or normal vs self-made defects when there is only one).
 from __future__ import annotations
 
 import io
+import os
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +24,7 @@ from detectors.preprocessing import resize_uint8
 from jobs.bundle import ModelBundle
 from jobs.images import decode_image
 from jobs.sources import Shard, SourceError, list_shards, read_shard
-from jobs.storage import StorageOptions, join, write_bytes, write_json
+from jobs.storage import StorageError, StorageOptions, join, read_bytes, write_bytes, write_json
 
 DEFAULT_DETECTORS = ("autoencoder", "mixture", "cam", "ocsvm")
 
@@ -40,8 +42,10 @@ class TrainConfig:
     variational: bool = False
     backbone: str = "autoencoder"  # features for the mixture
     cam_backbone: str = "small"
-    weights: str | None = None  # local path of backbone weights (fetched by the CLI)
+    weights: str | None = None  # URI of backbone weights (fetched to a temp file for Keras)
     seed: int = 0
+    # per-detector hyper-parameter overrides, e.g. {"autoencoder": {"latent_dim": 64}}
+    params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -54,6 +58,9 @@ class TrainConfig:
             raise ValueError(f"--epochs must be >= 1. Received: {self.epochs}.")
         if self.channels not in (None, 1, 3):
             raise ValueError(f"--channels must be 1 or 3. Received: {self.channels}.")
+        stray = [d for d in self.params if d not in self.detectors]
+        if stray:
+            raise ValueError(f"--param names detectors that are not trained: {stray}; trained: {list(self.detectors)}.")
 
 
 @dataclass
@@ -116,6 +123,13 @@ def train(cfg: TrainConfig) -> ModelBundle:
     so = cfg.storage_options
     shards = list_shards(cfg.source, so)
     check_labels(shards, cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights_path = fetch_weights(cfg.weights, tmp, so)  # before the long read: a bad URI fails at once
+        return _train(cfg, shards, weights_path)
+
+
+def _train(cfg: TrainConfig, shards: Sequence[Shard], weights_path: str | None) -> ModelBundle:
+    so = cfg.storage_options
     ts = load_training_set(shards, cfg.source, cfg.image_size, cfg.channels, so)
     labels = ts.labels
     known = sorted({lbl for lbl in labels if lbl is not None})
@@ -132,42 +146,9 @@ def train(cfg: TrainConfig) -> ModelBundle:
         f"{len(x_all)} images, {len(x_normal)} normal, labels {known or 'none'}, "
         f"{cfg.image_size}px x {ts.channels} channel(s)"
     )
-    common: dict[str, Any] = {"input_size": cfg.image_size, "channels": ts.channels, "seed": cfg.seed}
-    fitted: dict[str, BaseDetector] = {}
-    verbose = 2
-    for name in DETECTORS:  # the registry's order: the mixture reuses the autoencoder
-        if name not in cfg.detectors:
-            continue
-        t0 = time.monotonic()
-        log(f"training {name} ...")
-        det: BaseDetector
-        if name == "autoencoder":
-            det = AutoencoderDetector(**common, epochs=cfg.epochs, variational=cfg.variational)
-            det.fit(x_normal, verbose=verbose)
-        elif name == "mixture":
-            det = MixtureDetector(**common, backbone=cfg.backbone, weights=cfg.weights)
-            ae = fitted.get("autoencoder")
-            encoder = (
-                ae.encoder_model() if isinstance(ae, AutoencoderDetector) and cfg.backbone == "autoencoder" else None
-            )
-            det.fit(x_normal, encoder=encoder, verbose=verbose)
-        elif name == "cam":
-            have_labels = len(known) >= 2 and all(lbl is not None for lbl in labels)
-            det = CamDetector(
-                **common,
-                epochs=cfg.epochs,
-                backbone=cfg.cam_backbone,
-                weights=cfg.weights if cfg.cam_backbone != "small" else None,
-                anomaly_class=cfg.anomaly_label if have_labels else None,
-            )
-            if have_labels:
-                det.fit(x_all, [str(lbl) for lbl in labels], verbose=verbose)
-            else:
-                det.fit(x_normal, verbose=verbose)
-        else:
-            det = OcsvmDetector(input_size=cfg.image_size, seed=cfg.seed).fit(x_normal)
-        fitted[name] = det
-        log(f"trained {name} in {time.monotonic() - t0:.1f}s")
+    fitted, _ = fit_detectors(
+        cfg, x_all, labels, normal_mask, ts.channels, weights_path=weights_path, verbose=2, progress=log
+    )
     bundle = ModelBundle(
         detectors=fitted,
         input_size=cfg.image_size,
@@ -182,6 +163,8 @@ def train(cfg: TrainConfig) -> ModelBundle:
             "normal_label": cfg.normal_label,
             "anomaly_label": cfg.anomaly_label,
             "epochs": cfg.epochs,
+            "weights": cfg.weights,
+            "params": {k: dict(v) for k, v in cfg.params.items()},
         },
     )
     version = bundle.save(cfg.out, so)
@@ -191,6 +174,88 @@ def train(cfg: TrainConfig) -> ModelBundle:
         f"{', listed in training/skipped.json' if ts.skipped else ''})"
     )
     return bundle
+
+
+def fetch_weights(uri: str | None, tmp: str, storage_options: StorageOptions | None) -> str | None:
+    """Copy a weights file from any fsspec URI into ``tmp``: Keras loads weights from a local path."""
+    if uri is None:
+        return None
+    path = os.path.join(tmp, uri.rstrip("/").rsplit("/", 1)[-1])
+    try:
+        data = read_bytes(uri, storage_options)
+    except StorageError as e:
+        raise StorageError(f"--weights: {e}") from e
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def fit_detectors(
+    cfg: TrainConfig,
+    x_all: np.ndarray,
+    labels: Sequence[str | None],
+    normal_mask: np.ndarray,
+    channels: int,
+    *,
+    weights_path: str | None = None,
+    verbose: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[dict[str, BaseDetector], dict[str, float]]:
+    """Build and fit ``cfg.detectors`` on uint8 images (n, s, s, c) -> (detectors, fit seconds).
+
+    The one place where defaults become detectors (``imgscan train`` and
+    ``bench/accuracy.py`` both call it, so the benchmark measures what users
+    get). The autoencoder, mixture and baseline learn ``x_all[normal_mask]``;
+    the CAM classifier learns every label, or normal vs self-made defects when
+    there are fewer than two. ``weights_path`` is the local copy of ``cfg.weights``.
+    """
+    known = sorted({lbl for lbl in labels if lbl is not None})
+    x_normal = x_all[normal_mask]
+    common: dict[str, Any] = {"input_size": cfg.image_size, "channels": channels, "seed": cfg.seed}
+    have_labels = len(known) >= 2 and all(lbl is not None for lbl in labels)
+    defaults: dict[str, dict[str, Any]] = {
+        "autoencoder": {**common, "epochs": cfg.epochs, "variational": cfg.variational},
+        "mixture": {**common, "backbone": cfg.backbone, "weights": weights_path},
+        "cam": {
+            **common,
+            "epochs": cfg.epochs,
+            "backbone": cfg.cam_backbone,
+            "weights": weights_path if cfg.cam_backbone != "small" else None,
+            "anomaly_class": cfg.anomaly_label if have_labels else None,
+        },
+        "ocsvm": {"input_size": cfg.image_size, "seed": cfg.seed},
+    }
+    for name, overrides in cfg.params.items():  # all checked before anything trains
+        unknown = sorted(set(overrides) - set(DETECTORS[name]._param_names()))
+        if unknown:
+            allowed = DETECTORS[name]._param_names()
+            raise ValueError(f"--param {name}.{unknown[0]}: {name} has no such parameter; it has {allowed}.")
+    fitted: dict[str, BaseDetector] = {}
+    seconds: dict[str, float] = {}
+    for name, cls in DETECTORS.items():  # the registry's order: the mixture reuses the autoencoder
+        if name not in cfg.detectors:
+            continue
+        t0 = time.monotonic()
+        if progress:
+            progress(f"training {name} ...")
+        det = cls(**{**defaults[name], **cfg.params.get(name, {})})
+        if isinstance(det, MixtureDetector):
+            ae = fitted.get("autoencoder")
+            encoder = (
+                ae.encoder_model() if isinstance(ae, AutoencoderDetector) and det.backbone == "autoencoder" else None
+            )
+            det.fit(x_normal, encoder=encoder, verbose=verbose)
+        elif isinstance(det, CamDetector) and have_labels:
+            det.fit(x_all, [str(lbl) for lbl in labels], verbose=verbose)
+        elif isinstance(det, AutoencoderDetector | CamDetector | OcsvmDetector):
+            det.fit(x_normal, verbose=verbose)
+        if cfg.weights is not None and getattr(det, "weights", None) == weights_path:
+            det.weights = cfg.weights  # type: ignore[attr-defined]  # record the URI, not the temp copy
+        fitted[name] = det
+        seconds[name] = time.monotonic() - t0
+        if progress:
+            progress(f"trained {name} in {seconds[name]:.1f}s")
+    return fitted, seconds
 
 
 def write_training_report(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
+import json
+from typing import Any
 
 from detectors import DETECTOR_NAMES
 
@@ -38,6 +39,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--cam-backbone", default="small", help="CAM classifier backbone: 'small' (default) or vgg16, ...")
     p.add_argument("--weights", metavar="URI", help="backbone weights file (.weights.h5); never downloaded")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="DETECTOR.NAME=VALUE",
+        help="override a detector hyper-parameter (repeatable; VALUE is JSON or text), "
+        "e.g. --param autoencoder.latent_dim=64 --param mixture.grid=2",
+    )
     p.add_argument("--seed", type=int, default=0)
     add_storage_options(p)
     p.set_defaults(run=run)
@@ -45,32 +54,46 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from jobs.cli import parse_storage_options
-    from jobs.storage import read_bytes
     from jobs.train import TrainConfig, train
 
-    so = parse_storage_options(args.storage_options)
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = None
-        if args.weights:  # fetched once to local disk: Keras loads weights from a path
-            weights = f"{tmp}/{args.weights.rstrip('/').rsplit('/', 1)[-1]}"
-            with open(weights, "wb") as f:
-                f.write(read_bytes(args.weights, so))
-        cfg = TrainConfig(
-            source=args.source,
-            out=args.out,
-            detectors=tuple(args.detectors),
-            image_size=args.image_size,
-            channels=args.channels,
-            epochs=args.epochs,
-            normal_label=args.normal_label,
-            anomaly_label=args.anomaly_label,
-            variational=args.variational,
-            backbone=args.backbone,
-            cam_backbone=args.cam_backbone,
-            weights=weights,
-            seed=args.seed,
-            storage_options=so,
-        )
-        bundle = train(cfg)
+    cfg = TrainConfig(
+        source=args.source,
+        out=args.out,
+        detectors=tuple(args.detectors),
+        image_size=args.image_size,
+        channels=args.channels,
+        epochs=args.epochs,
+        normal_label=args.normal_label,
+        anomaly_label=args.anomaly_label,
+        variational=args.variational,
+        backbone=args.backbone,
+        cam_backbone=args.cam_backbone,
+        weights=args.weights,
+        seed=args.seed,
+        params=parse_params(args.param),
+        storage_options=parse_storage_options(args.storage_options),
+    )
+    bundle = train(cfg)
     print(f"trained {', '.join(bundle.detectors)} -> {args.out} (version {bundle.version})")
     return 0
+
+
+def parse_params(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["autoencoder.latent_dim=64", "mixture.grid=2"]`` -> ``{"autoencoder": {"latent_dim": 64}, ...}``.
+
+    VALUE is read as JSON (numbers, lists, true/false/null) and kept as text when it is not JSON.
+    """
+    from jobs.cli import UsageError
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        det, dot, name = key.partition(".")
+        if not (sep and dot and det and name):
+            raise UsageError(f"--param expects DETECTOR.NAME=VALUE, e.g. autoencoder.latent_dim=64. Received: {item!r}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        out.setdefault(det, {})[name] = value
+    return out

@@ -186,7 +186,7 @@ def test_mixture_grid_must_be_positive(digits16: Any) -> None:
 
 
 def test_mixture_global_grid_sees_layout(digits16: Any) -> None:
-    """Trained on zeros, the 2x2-grid mixture ranks held-out zeros above other digits."""
+    """Trained on zeros, the grid-pooled mixture ranks held-out zeros above other digits."""
     images, labels = digits16
     zeros = images[labels == 0]
     det = MixtureDetector(input_size=16, autoencoder_params={"epochs": 20, "filters": (8, 16)}).fit(zeros[:120])

@@ -106,3 +106,62 @@ def test_bad_input_is_one_line_and_non_zero(tmp_path: Any, capsys: Any, argv: li
     assert rc != 0
     assert message in err and "Traceback" not in err
     assert len(err.splitlines()) == 1, err
+
+
+def test_param_overrides_reach_the_detectors_and_the_bundle(tmp_path: Any, capsys: Any) -> None:
+    src, out = str(tmp_path / "src"), str(tmp_path / "model")
+    _make_folder(src)
+    argv = ["train", "--source", src, "--out", out, "--image-size", "16", "--epochs", "1"]
+    argv += ["--detectors", "autoencoder", "mixture", "--param", "autoencoder.latent_dim=8"]
+    argv += ["--param", "autoencoder.filters=[4, 8]", "--param", "mixture.covariance_type=diag"]
+    assert main(argv) == 0, capsys.readouterr().err
+    bundle = ModelBundle.load(out)
+    ae, mix = bundle.detectors["autoencoder"], bundle.detectors["mixture"]
+    assert ae.latent_dim == 8 and list(ae.filters) == [4, 8]  # type: ignore[attr-defined]
+    assert ae.model_.get_layer("latent").units == 8  # type: ignore[attr-defined]
+    assert mix.covariance_type == "diag"  # type: ignore[attr-defined]
+    assert mix.global_[-1].covariance_type == "diag"  # type: ignore[attr-defined]
+    assert bundle.training["params"] == {
+        "autoencoder": {"latent_dim": 8, "filters": [4, 8]},
+        "mixture": {"covariance_type": "diag"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--param", "latent_dim=8"], "--param expects DETECTOR.NAME=VALUE"),
+        (["--param", "autoencoder.no_such=1"], "--param autoencoder.no_such: autoencoder has no such parameter"),
+        (["--detectors", "ocsvm", "--param", "cam.epochs=1"], "--param names detectors that are not trained"),
+        (["--backbone", "vgg16", "--weights", "memory://nowhere/vgg16.weights.h5"], "--weights: No such file"),
+    ],
+)
+def test_bad_param_or_weights_is_one_line(tmp_path: Any, capsys: Any, extra: list[str], message: str) -> None:
+    src = str(tmp_path / "src")
+    _make_folder(src)
+    rc = main(["train", "--source", src, "--out", str(tmp_path / "m"), "--image-size", "16", "--epochs", "1", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and message in err[-1] and "Traceback" not in "\n".join(err), err
+    assert not any(line.startswith("[imgscan train] training") for line in err)  # refused before training
+
+
+def test_backbone_weights_come_from_the_uri_the_user_gives(tmp_path: Any, capsys: Any) -> None:
+    """The mixture's VGG16 features carry the weights of the file at --weights, and the
+    bundle records that URI (not the temp copy Keras loaded it from)."""
+    import fsspec
+    import keras
+
+    vgg = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    local = str(tmp_path / "vgg16.weights.h5")
+    vgg.save_weights(local)
+    uri = "memory://weights-test/vgg16.weights.h5"
+    with open(local, "rb") as f, fsspec.open(uri, "wb") as g:
+        g.write(f.read())
+    src, out = str(tmp_path / "src"), str(tmp_path / "model")
+    _make_folder(src)
+    argv = ["train", "--source", src, "--out", out, "--image-size", "32", "--detectors", "mixture"]
+    assert main([*argv, "--backbone", "vgg16", "--weights", uri]) == 0, capsys.readouterr().err
+    mix = ModelBundle.load(out).detectors["mixture"]
+    assert mix.weights == uri and ModelBundle.load(out).training["weights"] == uri  # type: ignore[attr-defined]
+    got = mix.extractor_.get_layer("block1_conv1").get_weights()[0]  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(got, vgg.get_layer("block1_conv1").get_weights()[0])
