@@ -7,6 +7,7 @@ every label (or normal vs self-made defects when there is only one).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
@@ -146,9 +147,10 @@ def _train(cfg: TrainConfig, shards: Sequence[Shard], weights_path: str | None) 
         f"{len(x_all)} images, {len(x_normal)} normal, labels {known or 'none'}, "
         f"{cfg.image_size}px x {ts.channels} channel(s)"
     )
-    fitted, _ = fit_detectors(
-        cfg, x_all, labels, normal_mask, ts.channels, weights_path=weights_path, verbose=2, progress=log
-    )
+    with contextlib.redirect_stdout(sys.stderr):  # Keras prints epoch lines on stdout; stdout is for the result
+        fitted, _ = fit_detectors(
+            cfg, x_all, labels, normal_mask, ts.channels, weights_path=weights_path, verbose=2, progress=log
+        )
     bundle = ModelBundle(
         detectors=fitted,
         input_size=cfg.image_size,

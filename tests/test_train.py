@@ -28,7 +28,10 @@ def test_train_writes_a_bundle_score_can_load(tmp_path: Any, capsys: Any) -> Non
     src, out = str(tmp_path / "src"), str(tmp_path / "model")
     imgs, labels = _make_folder(src)
     rc = main(["train", "--source", src, "--out", out, "--image-size", "16", "--epochs", "2", "--normal-label", "0"])
-    assert rc == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert len(captured.out.splitlines()) == 1 and captured.out.startswith("trained "), captured.out  # epochs: stderr
+    assert "Epoch 2/2" in captured.err
     bundle = ModelBundle.load(out)
     assert set(bundle.detectors) == {"autoencoder", "mixture", "cam", "ocsvm"}
     assert bundle.training["n_images"] == 120 and bundle.training["n_skipped"] == 3
