@@ -124,6 +124,7 @@ def train(cfg: TrainConfig) -> ModelBundle:
     so = cfg.storage_options
     shards = list_shards(cfg.source, so)
     check_labels(shards, cfg)
+    check_params(cfg.params)
     with tempfile.TemporaryDirectory() as tmp:
         weights_path = fetch_weights(cfg.weights, tmp, so)  # before the long read: a bad URI fails at once
         return _train(cfg, shards, weights_path)
@@ -178,6 +179,15 @@ def _train(cfg: TrainConfig, shards: Sequence[Shard], weights_path: str | None) 
     return bundle
 
 
+def check_params(params: Mapping[str, Mapping[str, Any]]) -> None:
+    """Every overridden hyper-parameter must exist in its detector's constructor."""
+    for name, overrides in params.items():
+        allowed = DETECTORS[name]._param_names()
+        unknown = sorted(set(overrides) - set(allowed))
+        if unknown:
+            raise ValueError(f"--param {name}.{unknown[0]}: {name} has no such parameter; it has {allowed}.")
+
+
 def fetch_weights(uri: str | None, tmp: str, storage_options: StorageOptions | None) -> str | None:
     """Copy a weights file from any fsspec URI into ``tmp``: Keras loads weights from a local path."""
     if uri is None:
@@ -227,11 +237,7 @@ def fit_detectors(
         },
         "ocsvm": {"input_size": cfg.image_size, "seed": cfg.seed},
     }
-    for name, overrides in cfg.params.items():  # all checked before anything trains
-        unknown = sorted(set(overrides) - set(DETECTORS[name]._param_names()))
-        if unknown:
-            allowed = DETECTORS[name]._param_names()
-            raise ValueError(f"--param {name}.{unknown[0]}: {name} has no such parameter; it has {allowed}.")
+    check_params(cfg.params)  # all of them before anything trains
     fitted: dict[str, BaseDetector] = {}
     seconds: dict[str, float] = {}
     for name, cls in DETECTORS.items():  # the registry's order: the mixture reuses the autoencoder

@@ -145,7 +145,7 @@ def test_bad_param_or_weights_is_one_line(tmp_path: Any, capsys: Any, extra: lis
     rc = main(["train", "--source", src, "--out", str(tmp_path / "m"), "--image-size", "16", "--epochs", "1", *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and message in err[-1] and "Traceback" not in "\n".join(err), err
-    assert not any(line.startswith("[imgscan train] training") for line in err)  # refused before training
+    assert not any(line.startswith("[imgscan train] read") for line in err)  # refused before reading
 
 
 def test_backbone_weights_come_from_the_uri_the_user_gives(tmp_path: Any, capsys: Any) -> None:
