@@ -12,9 +12,11 @@ from detectors.base import ScoreColumn
 COLUMNS: dict[str, tuple[ScoreColumn, ...]] = {
     "autoencoder": (
         ScoreColumn("recon_error", "float32", "high", "per-image mean squared reconstruction error"),
-        ScoreColumn("recon_local", "float32", "high", "largest local mean of the squared error map"),
-        ScoreColumn("recon_peak_y", "float32", None, "row of the local error peak, fraction of height"),
-        ScoreColumn("recon_peak_x", "float32", None, "column of the local error peak, fraction of width"),
+        ScoreColumn(
+            "recon_local", "float32", "high", "maximum of the error map: squared error / normal error at that pixel"
+        ),
+        ScoreColumn("recon_peak_y", "float32", None, "row of the error map's maximum, fraction of height"),
+        ScoreColumn("recon_peak_x", "float32", None, "column of the error map's maximum, fraction of width"),
         ScoreColumn("ae_kl", "float32", "high", "KL divergence of the latent (VAE only)"),
     ),
     "mixture": (

@@ -79,3 +79,22 @@ def smoothed_peak(maps: np.ndarray, divisor: int) -> tuple[np.ndarray, np.ndarra
     """
     window = (maps.shape[1] // divisor) | 1
     return peak_location(box_mean(maps, window) if window > 1 else maps)
+
+
+def relative_error(errors: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """Per-pixel error relative to the error normal images show at that pixel.
+
+    errors: float array (n, h, w); normal: float array (h, w), the mean error of
+    normal images per pixel -> float32 (n, h, w) = errors / (normal + mean(normal)).
+    Dividing by ``normal`` discounts the pixels an autoencoder always gets wrong
+    (image borders, where the brick benchmark's raw peaks landed; the stroke
+    region of digits); adding its mean keeps pixels that normal images reconstruct
+    perfectly (the empty corners of digits) from turning noise into peaks.
+    """
+    normal = np.asarray(normal, dtype=np.float32)
+    if normal.shape != errors.shape[1:]:
+        raise ValueError(f"Expected a normal-error map of shape {errors.shape[1:]}. Received: {normal.shape}.")
+    floor = float(normal.mean())
+    if floor <= 0.0:  # every normal image reconstructed exactly: nothing to compare with
+        return errors.astype(np.float32)
+    return (errors / (normal + floor)).astype(np.float32)
