@@ -1,11 +1,13 @@
 """Throughput and memory of ``imgscan score`` on this machine (a measurement, not a test).
 
     PYTHONPATH=. python bench/throughput.py [--images 20000] [--memory 10000 40000] [--workdir DIR]
+                                            [--per-detector-only]
 
 1. Generates ``--images`` real digits at 64x64 (the 1,797 of scikit-learn, shifted
    and noised so that no two are equal), as WebDataset tar shards on local disk.
 2. Trains the full bundle (autoencoder, mixture, CAM, OCSVM) at 64 px for a few epochs.
 3. Measures, each on the same detectors:
+   * per detector: each detector's ``score`` alone on in-memory batches, one process;
    * ceiling: ``bundle.score`` on pre-decoded in-memory uint8 batches, one process;
    * sequential: a plain script that opens each shard, decodes each file, predicts per batch;
    * end-to-end: ``python -m jobs score`` (embedded Ray) on the whole archive, from the
@@ -75,8 +77,8 @@ def train_bundle(root: Path, epochs: int) -> str:
     return str(model)
 
 
-def ceiling(model: str, archive: Path, n: int, batch_size: int) -> float:
-    """images/s of bundle.score on pre-decoded uint8 (n, 64, 64, 1) batches in this process."""
+def _decoded(model: str, archive: Path, n: int) -> tuple[Any, np.ndarray]:
+    """(bundle, the first ``n`` images of the archive decoded as the job does: uint8 (n, 64, 64, 1))."""
     from jobs.bundle import ModelBundle
     from jobs.scoring import decode_record
     from jobs.sources import list_shards, read_shard
@@ -90,12 +92,27 @@ def ceiling(model: str, archive: Path, n: int, batch_size: int) -> float:
                 break
         if len(pixels) == n:
             break
-    x = np.stack(pixels)
-    bundle.score(x[:batch_size])  # warm-up: graph tracing is start-up, not throughput
+    return bundle, np.stack(pixels)
+
+
+def _rate(score: Any, x: np.ndarray, batch_size: int) -> float:
+    score(x[:batch_size])  # warm-up: graph tracing is start-up, not throughput
     t0 = time.perf_counter()
     for start in range(0, len(x), batch_size):
-        bundle.score(x[start : start + batch_size])
+        score(x[start : start + batch_size])
     return len(x) / (time.perf_counter() - t0)
+
+
+def ceiling(model: str, archive: Path, n: int, batch_size: int) -> float:
+    """images/s of bundle.score on pre-decoded uint8 (n, 64, 64, 1) batches in this process."""
+    bundle, x = _decoded(model, archive, n)
+    return _rate(bundle.score, x, batch_size)
+
+
+def per_detector(model: str, archive: Path, n: int, batch_size: int) -> dict[str, float]:
+    """images/s of each detector's score alone, as ``ceiling`` measures the bundle (one process)."""
+    bundle, x = _decoded(model, archive, n)
+    return {name: _rate(det.score, x, batch_size) for name, det in bundle.detectors.items()}
 
 
 def sequential(model: str, archive: Path, n: int, batch_size: int) -> float:
@@ -214,6 +231,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--sample", type=int, default=5000, help="images timed for the ceiling and the sequential script")
+    p.add_argument("--per-detector-only", action="store_true", help="stop after timing each detector alone")
     args = p.parse_args()
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -225,6 +243,10 @@ def main() -> None:
     model = train_bundle(root, args.epochs)
     print(f"bundle: {model} ({time.monotonic() - t:.0f}s)", flush=True)
 
+    rates = per_detector(model, archive, args.sample, args.batch_size)
+    print("per detector: " + ", ".join(f"{k} {v:.0f}/s" for k, v in rates.items()), flush=True)
+    if args.per_detector_only:
+        return
     ceil = ceiling(model, archive, args.sample, args.batch_size)
     print(f"ceiling: {ceil:.1f} images/s", flush=True)
     seq = sequential(model, archive, args.sample, args.batch_size)

@@ -188,11 +188,14 @@ class CamDetector(BaseDetector):
                 shuffle=True,
                 initial_epoch=epoch,
                 epochs=epoch + 1,
-                verbose=verbose,
+                verbose=0,  # one fit per epoch: Keras would number them "Epoch 2/2", "Epoch 3/3", ...
                 validation_data=(self._model_input(x_val), y_val) if len(x_val) else None,
             )
             for k, v in h.history.items():
                 history.setdefault(k, []).extend(float(a) for a in v)
+            if verbose:
+                stats = " - ".join(f"{k}: {v[-1]:.4f}" for k, v in h.history.items())
+                print(f"Epoch {epoch + 1}/{self.epochs} - {stats}", flush=True)
         self.history_ = history
         self._build_cam_model()
         calib = xb[val_idx] if len(val_idx) else xb[train_idx]
