@@ -255,7 +255,7 @@ def reduce(cfg: ReduceConfig) -> dict[str, Any]:
     skipped: dict[str, str] = {}
     for s, (rule, is_explicit) in rules.items():
         if rule.kind == "calibrated" and not is_explicit and not facts.calibration.get(s, {}).get("n"):
-            skipped[s] = f"no calibration for this score in {model_uri} (detector absent from the model)"
+            skipped[s] = f"no calibration for this score in {model_uri} (its detector is absent or does not produce it)"
             continue
         fitter = ThresholdFitter(
             s,
@@ -285,7 +285,7 @@ def reduce(cfg: ReduceConfig) -> dict[str, Any]:
                 raise ThresholdError(
                     f"{c.name}: score column missing from the results (no valid value in {run.num_rows} rows)."
                 )
-            skipped[c.name] = "no valid scores in this run (detector absent from the model)"
+            skipped[c.name] = "no valid scores in this run (its detector is absent or does not produce it)"
             del columns[c.name]
     thresholds = finish_thresholds(run, {n: c.fitter for n, c in columns.items()})
     for name, c in columns.items():
