@@ -31,13 +31,11 @@ from detectors.base import (
     seed_everything,
     split_validation,
 )
-from detectors.columns import COLUMNS
+from detectors.columns import COLUMNS, DEFECT_CLASS
 from detectors.defects import make_defects
 from detectors.features import BACKBONES, build_backbone_extractor, preprocess_for_backbone
 from detectors.maps import smoothed_peak
 from detectors.preprocessing import ImageBatch, check_image_size, check_non_empty, to_uint8_batch
-
-DEFECT_CLASS = "__defect__"
 
 
 def build_cam_classifier(

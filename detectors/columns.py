@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from detectors.base import ScoreColumn
 
+#: the CAM's class of self-made defects, when it was trained on normal images only
+DEFECT_CLASS = "__defect__"
+
 COLUMNS: dict[str, tuple[ScoreColumn, ...]] = {
     "autoencoder": (
         ScoreColumn("recon_error", "float32", "high", "per-image mean squared reconstruction error"),

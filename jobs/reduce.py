@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from detectors.columns import DEFECT_CLASS
 from jobs.reduce_metrics import Confusion, LabelledSample, label_codes
 from jobs.schema import SCORE_DIRECTIONS
 from jobs.storage import StorageError, StorageOptions, filesystem, join, list_files, read_json, write_bytes, write_json
@@ -190,6 +191,7 @@ class ModelFacts:
     uri: str | None
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
     cam_classes: list[str] | None = None
+    cam_anomaly_class: str | None = None  # the CAM's anomaly class (labelled or self-made defects)
     error: str | None = None  # why the bundle could not be read
 
 
@@ -207,6 +209,8 @@ def read_model_facts(uri: str | None, storage_options: StorageOptions | None) ->
             facts.calibration.update(meta.get("calibration") or {})
             if name == "cam":
                 facts.cam_classes = [str(c) for c in meta.get("classes", [])]
+                anomaly = (meta.get("params") or {}).get("anomaly_class")
+                facts.cam_anomaly_class = DEFECT_CLASS if DEFECT_CLASS in facts.cam_classes else anomaly
     except (BundleError, StorageError, ValueError) as e:
         facts.error = str(e)
     return facts
@@ -254,6 +258,13 @@ def reduce(cfg: ReduceConfig) -> dict[str, Any]:
     columns: dict[str, _Column] = {}
     skipped: dict[str, str] = {}
     for s, (rule, is_explicit) in rules.items():
+        if s == "cam_prob" and not is_explicit and facts.cam_anomaly_class is not None:
+            # a confident "anomaly" prediction has a high cam_prob: low cam_prob is the wrong side here
+            skipped[s] = (
+                f"the CAM has an anomaly class ({facts.cam_anomaly_class}): cam_anomaly is its score, "
+                "and a confident anomaly has a high cam_prob"
+            )
+            continue
         if rule.kind == "calibrated" and not is_explicit and not facts.calibration.get(s, {}).get("n"):
             skipped[s] = f"no calibration for this score in {model_uri} (its detector is absent or does not produce it)"
             continue

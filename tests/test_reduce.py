@@ -188,14 +188,36 @@ def test_summary_metrics_against_known_anomalies(tmp_path: Any) -> None:
     assert json.loads(read_bytes(join(out, "summary.json")))["flagged"] == s["flagged"]
 
 
-def _fake_bundle(root: str, calibration: dict[str, Any], classes: list[str] | None) -> str:
+def _fake_bundle(
+    root: str, calibration: dict[str, Any], classes: list[str] | None, cam_params: dict[str, Any] | None = None
+) -> str:
     """bundle.json and meta.json files only: what the reducer reads of a bundle (no Keras)."""
     detectors = {"autoencoder": ["meta.json"]} | ({"cam": ["meta.json"]} if classes else {})
     write_json(join(root, "bundle.json"), {"format": 1, "version": "v1", "detectors": detectors})
     write_json(join(root, "autoencoder", "meta.json"), {"detector": "autoencoder", "calibration": calibration})
     if classes:
-        write_json(join(root, "cam", "meta.json"), {"detector": "cam", "classes": classes, "calibration": {}})
+        cam_meta = {"detector": "cam", "classes": classes, "params": cam_params or {}, "calibration": {}}
+        write_json(join(root, "cam", "meta.json"), cam_meta)
     return root
+
+
+@pytest.mark.parametrize(
+    ("classes", "params"),
+    [(["0", "__defect__"], {"anomaly_class": None}), (["0", "1", "anomaly"], {"anomaly_class": "anomaly"})],
+)
+def test_cam_prob_is_no_default_score_when_the_cam_has_an_anomaly_class(
+    tmp_path: Any, classes: list[str], params: dict[str, Any]
+) -> None:
+    """There a confident anomaly has a high cam_prob: thresholding its low side would miss
+    exactly the anomalies, so only cam_anomaly counts, unless the user asks for cam_prob."""
+    model = _fake_bundle(str(tmp_path / "model"), {}, classes, params)
+    results = write_run(str(tmp_path / "results"), [make_rows(1200)], model_uri=model)
+    reduce(ReduceConfig(results, str(tmp_path / "out"), report=False))
+    th = read_json(join(str(tmp_path / "out"), "thresholds.json"))
+    assert "cam_prob" not in th["thresholds"] and set(th["thresholds"]) == {"recon_error", "gmm_loglik"}
+    assert "the CAM has an anomaly class" in th["skipped"]["cam_prob"]
+    reduce(ReduceConfig(results, str(tmp_path / "out2"), rules=("cam_prob=quantile:0.99",), report=False))
+    assert "cam_prob" in read_json(join(str(tmp_path / "out2"), "thresholds.json"))["thresholds"]
 
 
 def test_calibrated_rule_and_label_audit_use_the_bundle(tmp_path: Any) -> None:
