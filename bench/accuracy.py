@@ -1,6 +1,6 @@
 """Accuracy of the imgscan detectors beside the baselines a user would try first.
 
-    PYTHONPATH=. python bench/accuracy.py [--quick] [--only digits|texture] [--params JSON]
+    PYTHONPATH=. python bench/accuracy.py [--quick] [--only digits|texture] [--params JSON] [--seed N]
 
 Two real-image benchmarks, every number from one run on the same seeded splits:
 
@@ -69,12 +69,12 @@ class Fitted:
     fit_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def fit_imgscan(x: np.ndarray, *, image_size: int, params: dict[str, dict[str, Any]]) -> Fitted:
+def fit_imgscan(x: np.ndarray, *, image_size: int, params: dict[str, dict[str, Any]], seed: int = SEED) -> Fitted:
     """Fit the four detectors on normal uint8 images (n, s, s) with ``jobs.train.fit_detectors``,
     the function ``imgscan train`` uses, and its defaults (one label: the CAM learns normal vs
     self-made defects; the mixture reuses the autoencoder's encoder). ``params`` overrides
     hyper-parameters per detector, as ``imgscan train --param`` does."""
-    cfg = TrainConfig(source="<bench>", out="<bench>", image_size=image_size, channels=1, seed=SEED, params=params)
+    cfg = TrainConfig(source="<bench>", out="<bench>", image_size=image_size, channels=1, seed=seed, params=params)
     fitted, seconds = fit_detectors(cfg, x[..., None], [None] * len(x), np.ones(len(x), bool), channels=1)
     return Fitted(fitted, seconds)
 
@@ -141,7 +141,7 @@ BASELINE_ROWS = (
 
 # ---------------------------------------------------------------- digits
 def digits_benchmark(
-    classes: Sequence[int], params: dict[str, dict[str, Any]]
+    classes: Sequence[int], params: dict[str, dict[str, Any]], seed: int = SEED
 ) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
     from jobs.demo_data import digits
 
@@ -158,7 +158,7 @@ def digits_benchmark(
         x_train = images[is_train & (labels == d)]
         x_test, y = images[test], (labels[test] != d).astype(int)
         t0 = time.monotonic()
-        fitted = fit_imgscan(x_train, image_size=32, params=params)
+        fitted = fit_imgscan(x_train, image_size=32, params=params, seed=seed)
         per_digit[d], _ = evaluate(fitted, x_train, x_test, y)
         for k, v in fitted.fit_seconds.items():
             fit_times.setdefault(k, []).append(v)
@@ -221,10 +221,10 @@ def localization(scores: dict[str, dict[str, np.ndarray]], ts: TextureSet) -> di
 
 
 def texture_benchmark(
-    n_train: int, n_test: int, params: dict[str, dict[str, Any]]
+    n_train: int, n_test: int, params: dict[str, dict[str, Any]], seed: int = SEED
 ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     ts = texture_set(n_train, n_test)
-    fitted = fit_imgscan(ts.train, image_size=TEXTURE_CROP, params=params)
+    fitted = fit_imgscan(ts.train, image_size=TEXTURE_CROP, params=params, seed=seed)
     res, scores = evaluate(fitted, ts.train, ts.test, ts.y)
     return res, localization(scores, ts), fitted.fit_seconds
 
@@ -267,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--only", choices=["digits", "texture"], help="run one benchmark")
     p.add_argument("--digits", type=int, nargs="+", help="digits to run (default: all, --quick: 1 3 8)")
     p.add_argument("--params", default="{}", help='JSON overrides per detector, e.g. {"cam": {"epochs": 40}}')
+    p.add_argument("--seed", type=int, default=SEED, help="seed of the imgscan detectors (the data splits stay fixed)")
     p.add_argument("--out", default="bench/out/accuracy.md")
     args = p.parse_args(argv)
     params = json.loads(args.params)
@@ -275,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     t0 = time.monotonic()
     parts = [f"Command: `PYTHONPATH=. python bench/accuracy.py {' '.join(sys.argv[1:] if argv is None else argv)}`"]
     if args.only in (None, "digits"):
-        per_digit, ft = digits_benchmark(classes, params)
+        per_digit, ft = digits_benchmark(classes, params, args.seed)
         parts += [
             "",
             "### Digits, one-vs-rest (32x32, image AUROC; the means differ in the 4th decimal, so it is shown; "
@@ -285,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ]
         print("\n".join(parts[-3:]), flush=True)
     if args.only in (None, "texture"):
-        res, loc, ft = texture_benchmark(n_train, n_test, params)
+        res, loc, ft = texture_benchmark(n_train, n_test, params, args.seed)
         parts += [
             "",
             f"### Texture defects (brick, 64x64 crops, 16x16 gravel patch; {n_train} train, {n_test} test)",
