@@ -88,6 +88,19 @@ def build_cam_classifier(
     return keras.Model(inputs, outputs, name=f"cam_{backbone}")
 
 
+def _default_filters(synthetic: bool) -> tuple[int, ...]:
+    """Blocks of the small CNN: two when it learns self-made defects, three for labelled classes.
+
+    A defect is local: with two blocks a map cell sees ~13 px, and the map's peak
+    lands in the pasted gravel patch for every seed tried (brick benchmark, seeds
+    0/1/2: 92.0% / 91.0% / 95.0%, AUROC >= 0.999), where three blocks (~29 px)
+    localize by luck (93.0% / 65.5% / 52.5%: the AUROC stays 1.0, the map
+    spreads). Classes of whole shapes need the context of a third block (digits,
+    ten classes at 32 px, 30 epochs: test accuracy 99.4% with three, 98.5% with two).
+    """
+    return (32, 64) if synthetic else (32, 64, 128)
+
+
 class CamDetector(BaseDetector):
     """Class, probability, anomaly probability and class activation map."""
 
@@ -101,7 +114,7 @@ class CamDetector(BaseDetector):
         input_size: int = 32,
         channels: int = 1,
         backbone: str = "small",
-        filters: Sequence[int] = (32, 64, 128),
+        filters: Sequence[int] | None = None,
         weights: str | None = None,
         trainable_blocks: int = 1,
         anomaly_class: str | None = None,
@@ -159,7 +172,7 @@ class CamDetector(BaseDetector):
             input_size=self.input_size,
             channels=self.channels,
             backbone=self.backbone,
-            filters=self.filters,
+            filters=self.filters if self.filters is not None else _default_filters(synthetic),
             weights=self.weights,
             trainable_blocks=self.trainable_blocks,
         )
