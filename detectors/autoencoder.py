@@ -171,10 +171,6 @@ class AutoencoderDetector(BaseDetector):
             return int(self.latent_dim)
         return min(256, max(8, self.input_size * self.input_size // 32))
 
-    @property
-    def window_(self) -> int:
-        return int(self.local_window)
-
     def fit(self, images: ImageBatch, labels: Sequence[Any] | None = None, *, verbose: int = 0) -> AutoencoderDetector:
         """Learn to reconstruct ``images`` (uint8, any size; assumed normal)."""
         check_non_empty(images)
@@ -236,7 +232,7 @@ class AutoencoderDetector(BaseDetector):
 
     def _local_map(self, err: np.ndarray) -> np.ndarray:
         m = relative_error(err, self.pixel_error_) if self.relative_map else err
-        return box_mean(m, self.window_)
+        return box_mean(m, int(self.local_window))
 
     def score(self, images: ImageBatch) -> dict[str, np.ndarray]:
         """Score uint8 images (any size) -> the columns declared in ``columns``."""

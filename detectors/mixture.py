@@ -24,16 +24,17 @@ and fits in 4 s instead of 119 s.
 Features are not standardised before PCA by default (``standardize=False``):
 PCA then keeps the directions in which the features really vary, where
 unit-variance scaling lifts the many near-constant channels to the same weight
-(digits 1, 3, 5, 8, 9, 4x4 grid: 0.9939 standardised vs 0.9977 not; the local
-model is unaffected, brick AUROC 0.996 either way). The global mixture sees
-~100 images in 64 dimensions, so its covariance is shrunk harder
-(``reg_covar=0.1``: digits 0.99872 -> 0.99885) than the local one, which sees
+(digits 1, 3, 5, 8, 9: mean AUROC 0.9937 standardised vs 0.9976 not, from
+``bench/accuracy.py --only digits --digits 1 3 5 8 9 --params '{"mixture":
+{"standardize": true}}'`` and the default run). The global mixture sees ~100
+images in 64 dimensions, so its covariance is shrunk harder (``reg_covar=0.1``:
+digits 0.99872 -> 0.99885 over reg_covar=1e-3) than the local one, which sees
 tens of thousands of locations and localizes best with little shrinkage
-(``local_reg_covar=1e-3``; 0.1 there costs brick AUROC 0.996 -> 0.966, peak in
-the defect 95% -> 87%). The brick numbers in this paragraph were measured with
-the 32-unit autoencoder latent of the time; with today's default (128 at 64 px)
-``bench/accuracy.py`` gives 0.995 and 94%.
-Any of these can be re-measured with ``bench/accuracy.py --params
+(``local_reg_covar=1e-3``). An offline script on the bench's brick set, with
+the 32-unit autoencoder latent of the time, found 0.1 there costs AUROC 0.996
+-> 0.966 and peak-in-defect 95% -> 87%, and standardising changes nothing for
+the local model; today's defaults give 0.995 and 94% in ``bench/accuracy.py``.
+Re-measure any of these with ``bench/accuracy.py --params
 '{"mixture": {"grid": 2, "standardize": true}}'`` and the like.
 """
 
