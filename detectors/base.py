@@ -28,6 +28,10 @@ import numpy as np
 
 FORMAT_VERSION = 1
 CALIBRATION_QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
+#: most calibration scores kept as a sample (more are summarised by this many evenly spaced
+#: quantiles): what a night's scores are compared with (two-sample drift statistics), and
+#: what a score's tail probability is read from
+CALIBRATION_SAMPLE = 1000
 
 Direction = Literal["high", "low"]
 
@@ -168,6 +172,8 @@ def calibration_stats(scores: np.ndarray) -> dict[str, Any]:
     if s.size == 0:
         return {"n": 0}
     qs = np.quantile(s, CALIBRATION_QUANTILES)
+    # sorted; at most CALIBRATION_SAMPLE values, so its empirical CDF is within 1/CALIBRATION_SAMPLE of the full one
+    sample = np.sort(s) if s.size <= CALIBRATION_SAMPLE else np.quantile(s, np.linspace(0, 1, CALIBRATION_SAMPLE))
     return {
         "n": int(s.size),
         "mean": float(s.mean()),
@@ -175,6 +181,7 @@ def calibration_stats(scores: np.ndarray) -> dict[str, Any]:
         "min": float(s.min()),
         "max": float(s.max()),
         "quantiles": {str(q): float(v) for q, v in zip(CALIBRATION_QUANTILES, qs, strict=True)},
+        "sample": [float(v) for v in sample],
     }
 
 

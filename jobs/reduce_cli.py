@@ -17,26 +17,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--results", required=True, metavar="RESULTS_URI", help="the run: _run.json and parts/*.parquet")
     p.add_argument("--out", required=True, metavar="REPORT_URI", help="where the outputs go")
+    add_rule_flags(p)
+    p.add_argument(
+        "--calibration", metavar="MODEL_URI", help="model bundle whose calibration to use (default: the run's model)"
+    )
+    add_storage_options(p)
+    p.set_defaults(run=run)
+
+
+def add_rule_flags(p: argparse.ArgumentParser, default: str = "quantile") -> None:
+    """--rule, --anomaly-label, --top-k, --no-report: shared with ``imgscan scan``."""
     p.add_argument(
         "--rule",
         action="append",
         default=[],
         metavar="SCORE=RULE",
-        help="threshold rule of a score: quantile[:Q] (default, Q=0.999), sigma[:K] (3), iqr[:K] (1.5), "
+        help="threshold rule of a score: quantile[:Q] (Q=0.999), sigma[:K] (3), iqr[:K] (1.5), "
         "calibrated[:Q] (0.999, from the bundle's normal training scores), f1 (best F1 against known "
-        "anomalies) or off; a bare RULE sets the rule of every score; cam_mismatch=off turns the label "
-        "audit off. Repeatable.",
-    )
-    p.add_argument(
-        "--calibration", metavar="MODEL_URI", help="model bundle whose calibration to use (default: the run's model)"
+        f"anomalies) or off; default {default}; a bare RULE sets the rule of every score; cam_mismatch=off "
+        "turns the label audit off. Repeatable.",
     )
     p.add_argument(
         "--anomaly-label", default="anomaly", metavar="X", help="label of known anomalies (default 'anomaly')"
     )
     p.add_argument("--top-k", type=int, default=24, metavar="N", help="images in the report's gallery (default 24)")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
-    add_storage_options(p)
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -171,15 +171,28 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     message, before Ray starts, for a missing or empty source, an unreadable
     bundle or a RESULTS_URI that holds another run.
     """
-    so = cfg.storage_options
-    manifest = read_manifest(cfg.models, so)
-    size, channels, version = _validate_bundle(cfg.models, so)
+    check_bundle(cfg)
+    return score_shards(cfg, list_shards(cfg.source, cfg.storage_options))
+
+
+def check_bundle(cfg: ScoreConfig) -> tuple[int, int, str]:
+    """The checks that need no source: the bundle loads, GPUs asked of a machine that has
+    some. Returns (input size, channels, model version); raises with one line."""
+    size, channels, version = _validate_bundle(cfg.models, cfg.storage_options)
     if cfg.gpus_per_worker > 0 and cfg.ray_address is None and not _local_gpus():
         raise ValueError(
             f"--gpus-per-worker {cfg.gpus_per_worker:g} needs GPUs, but this machine has none. "
             "Drop the flag to score on CPU, or pass --address of a cluster with GPU nodes."
         )
-    shards = list_shards(cfg.source, so)
+    return size, channels, version
+
+
+def score_shards(cfg: ScoreConfig, shards: list[Shard]) -> dict[str, Any]:
+    """Score these shards of ``cfg.source`` into ``cfg.out`` (``score`` lists them all;
+    the nightly scan passes the new and changed ones). Call ``check_bundle`` first."""
+    so = cfg.storage_options
+    manifest = read_manifest(cfg.models, so)
+    size, channels, version = int(manifest["input_size"]), int(manifest["channels"]), str(manifest["version"])
     facts = {
         "model_uri": cfg.models,
         "model_version": version,

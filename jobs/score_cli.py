@@ -1,23 +1,36 @@
-"""Flags of ``imgscan score`` (also ``python -m jobs score``, what ``ray job submit`` runs)."""
+"""Flags of ``imgscan score`` (also ``python -m jobs score``, what ``ray job submit`` runs).
+
+``add_scoring_flags`` and ``score_config`` are shared with ``imgscan scan``.
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jobs.score import ScoreConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_source, add_storage_options
-
     p = sub.add_parser(
         "score",
         help="score every image of an archive with a model bundle (Ray Data; resumable)",
         description="Score every image of SRC with the detectors of MODEL_URI and write one Parquet part per "
         "shard under RESULTS_URI/parts/. A killed run resumes with the same --run-id.",
     )
-    add_source(p)
-    p.add_argument("--models", required=True, metavar="MODEL_URI", help="model bundle written by 'imgscan train'")
     p.add_argument("--out", required=True, metavar="RESULTS_URI", help="where _run.json and parts/ go")
     p.add_argument("--run-id", metavar="ID", help="name of this run; pass the id of a stopped run to resume it")
+    add_scoring_flags(p)
+    p.set_defaults(run=run)
+
+
+def add_scoring_flags(p: argparse.ArgumentParser) -> None:
+    """--source, --models and the Ray flags every scoring verb takes."""
+    from jobs.cli import add_source, add_storage_options
+
+    add_source(p)
+    p.add_argument("--models", required=True, metavar="MODEL_URI", help="model bundle written by 'imgscan train'")
     p.add_argument(
         "--address",
         metavar="RAY_ADDRESS",
@@ -31,18 +44,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-cpus", type=int, metavar="N", help="CPUs of the in-process Ray (default: all cores)")
     p.add_argument("--decode-chunk", type=int, metavar="N", help="images per decoded block (default 256)")
     add_storage_options(p)
-    p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def score_config(args: argparse.Namespace, run_id: str | None = None) -> ScoreConfig:
+    """The ``ScoreConfig`` of parsed scoring flags (``args.out`` is the output URI)."""
     from jobs.cli import parse_storage_options
-    from jobs.score import ScoreConfig, score, summary_line
+    from jobs.score import ScoreConfig
 
-    cfg = ScoreConfig(
+    return ScoreConfig(
         source=args.source,
         models=args.models,
         out=args.out,
-        run_id=args.run_id,
+        run_id=run_id,
         address=args.address,
         workers=args.workers,
         gpus_per_worker=args.gpus_per_worker,
@@ -51,5 +64,10 @@ def run(args: argparse.Namespace) -> int:
         **({"decode_chunk": args.decode_chunk} if args.decode_chunk is not None else {}),
         storage_options=parse_storage_options(args.storage_options),
     )
-    print(summary_line(score(cfg)), flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from jobs.score import score, summary_line
+
+    print(summary_line(score(score_config(args, args.run_id))), flush=True)
     return 0

@@ -8,7 +8,8 @@ A source is a URI (``file://``, ``s3://``, ``memory://``, or a local path) of on
   with optional ``KEY.cls`` / ``KEY.json`` (a ``label``/``cls`` field) labels;
 * Parquet files with an image-bytes column (and optional id / label columns).
 
-``list_shards`` turns a source into a manifest of ``Shard`` rows -- the unit of
+``list_items`` lists its inputs (archives or image files, with their versions);
+``list_shards`` groups them into a manifest of ``Shard`` rows -- the unit of
 work, of commit and of resume -- before any cluster work starts;
 ``read_shard`` yields one ``Record`` per input image of a shard, bytes included.
 """
@@ -107,15 +108,24 @@ def _shard_id(*parts: str) -> str:
     return hashlib.sha1("\x00".join(parts).encode()).hexdigest()[:16]
 
 
-def list_shards(
-    source: str, storage_options: StorageOptions | None = None, *, files_per_shard: int = FILES_PER_SHARD
-) -> list[Shard]:
-    """The manifest of a source. Raises ``SourceError`` for a missing or empty source.
+@dataclass(frozen=True)
+class Item:
+    """One input a source lists: an archive (tar or Parquet file) or one image file.
 
-    A folder may hold tar shards, Parquet files or image files (not a mix of
-    archive and loose images). Image files are grouped into shards of
-    ``files_per_shard`` in name order, per class folder.
+    What the nightly scan's ledger compares from night to night (uri + version).
     """
+
+    uri: str
+    kind: str  # "tar" | "parquet" | "image"
+    size: int
+    version: str  # etag, or mtime:size
+    folder: str = ""  # image files: the URI of the folder whose images form shards together
+    label: str | None = None  # image files: the class folder's name
+
+
+def list_items(source: str, storage_options: StorageOptions | None = None) -> list[Item]:
+    """Every input of a source, sorted by URI. Raises ``SourceError`` for a missing or
+    empty source, or one that mixes archives with loose images."""
     fs, root = filesystem(source, storage_options)
     if fs.isfile(root):
         infos = [{**fs.info(root), "name": qualify(fs, root), "path": root}]
@@ -137,42 +147,66 @@ def list_shards(
             f"image file(s) (e.g. {kinds['image'][0]['name']}); point --source at a prefix that holds one kind."
         )
     if archives:
-        return [
-            Shard(
-                shard_id=_shard_id(info["name"]),
-                uri=info["name"],
-                kind=_suffix_kind(info["path"]) or "",
-                size=int(info.get("size") or 0),
-                version=version_tag(info),
-            )
-            for info in archives
-        ]
+        return sorted(
+            (
+                Item(info["name"], _suffix_kind(info["path"]) or "", int(info.get("size") or 0), version_tag(info))
+                for info in archives
+            ),
+            key=lambda i: i.uri,
+        )
     if not kinds["image"]:
         seen = f"{len(infos)} files, none an image, tar or Parquet file" if infos else "no files"
         raise SourceError(f"Source is empty: {source} ({seen})")
     root_len = len(root.rstrip("/")) + 1
-    groups: dict[str | None, list[dict[str, Any]]] = {}
+    items = []
     for info in kinds["image"]:
         rel = info["path"][root_len:]
         label = rel.split("/", 1)[0] if "/" in rel else None
-        groups.setdefault(label, []).append(info)
-    shards = []
-    for label, members in sorted(groups.items(), key=lambda kv: kv[0] or ""):
+        folder = qualify(fs, posixpath.join(root, label)) if label else qualify(fs, root)
+        items.append(Item(info["name"], "image", int(info.get("size") or 0), version_tag(info), folder, label))
+    return sorted(items, key=lambda i: i.uri)
+
+
+def group_shards(items: Sequence[Item], *, files_per_shard: int = FILES_PER_SHARD) -> list[Shard]:
+    """Items -> shards: an archive is a shard; image files form shards of up to
+    ``files_per_shard`` in name order, per class folder."""
+    shards = [
+        Shard(shard_id=_shard_id(i.uri), uri=i.uri, kind=i.kind, size=i.size, version=i.version)
+        for i in items
+        if i.kind != "image"
+    ]
+    groups: dict[tuple[str, str | None], list[Item]] = {}
+    for i in items:
+        if i.kind == "image":
+            groups.setdefault((i.folder, i.label), []).append(i)
+    for (folder, label), members in sorted(groups.items(), key=lambda kv: (kv[0][1] or "", kv[0][0])):
+        members = sorted(members, key=lambda i: i.uri)
         for start in range(0, len(members), files_per_shard):
             chunk = members[start : start + files_per_shard]
-            names = tuple(m["name"] for m in chunk)
+            names = tuple(m.uri for m in chunk)
             shards.append(
                 Shard(
                     shard_id=_shard_id(*names),
-                    uri=qualify(fs, posixpath.join(root, label)) if label else qualify(fs, root),
+                    uri=folder,
                     kind="files",
-                    size=sum(int(m.get("size") or 0) for m in chunk),
-                    version=_shard_id(*(version_tag(m) for m in chunk)),
+                    size=sum(m.size for m in chunk),
+                    version=_shard_id(*(m.version for m in chunk)),
                     members=names,
                     labels=(label,) * len(chunk),
                 )
             )
     return shards
+
+
+def list_shards(
+    source: str, storage_options: StorageOptions | None = None, *, files_per_shard: int = FILES_PER_SHARD
+) -> list[Shard]:
+    """The manifest of a source (``list_items`` grouped by ``group_shards``).
+
+    Raises ``SourceError`` for a missing or empty source. A folder may hold tar
+    shards, Parquet files or image files (not a mix of archive and loose images).
+    """
+    return group_shards(list_items(source, storage_options), files_per_shard=files_per_shard)
 
 
 def read_shard(shard: Shard, storage_options: StorageOptions | None = None) -> Iterator[Record]:

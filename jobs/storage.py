@@ -7,6 +7,7 @@ environment, profiles, ``AWS_ENDPOINT_URL``).
 
 from __future__ import annotations
 
+import io
 import json
 import posixpath
 import uuid
@@ -14,6 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 StorageOptions = Mapping[str, Any]
@@ -127,3 +130,25 @@ def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
 def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
     p = fs.protocol
     return set(p) if isinstance(p, tuple | list) else {p}
+
+
+def write_parquet(uri: str, table: pa.Table, storage_options: StorageOptions | None = None) -> None:
+    """A table as one Parquet object, written whole (``write_bytes``)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(uri, buf.getvalue(), storage_options)
+
+
+def read_parquet(uri: str, storage_options: StorageOptions | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(read_bytes(uri, storage_options)))
+
+
+def remove(uri: str, storage_options: StorageOptions | None = None) -> None:
+    """Delete one file; a file already gone is fine (callers are idempotent)."""
+    fs, path = filesystem(uri, storage_options)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise StorageError(f"Cannot delete {uri}: {e}") from e
