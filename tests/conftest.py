@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,3 +76,45 @@ def memory_root() -> Iterator[str]:
     fs = fsspec.filesystem("memory")
     if fs.exists(root):
         fs.rm(root, recursive=True)
+
+
+CHROMIUM_INSTALL = "apt-get update && apt-get install -y chromium"
+
+
+@pytest.fixture
+def screenshot(tmp_path: Path) -> Callable[..., Path]:
+    """``screenshot(url, height=...)``: the page rendered by headless Chromium, as a PNG path.
+
+    Skips without Chromium, except under ``CI=true`` (where .ci/run installs it): there it fails.
+    """
+    browser = next((p for n in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(n))), None)
+    if browser is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"chromium is not installed; CI must install it: {CHROMIUM_INSTALL}")
+        pytest.skip(f"chromium is not installed ({CHROMIUM_INSTALL}); with CI=true this fails instead")
+
+    def take(url: str, *, width: int = 1400, height: int = 2000) -> Path:
+        shot = tmp_path / f"shot-{uuid.uuid4().hex[:6]}.png"
+        profile = tmp_path / f"profile-{uuid.uuid4().hex[:6]}"
+        profile.mkdir()
+        cmd = [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--hide-scrollbars",
+            f"--window-size={width},{height}",
+            f"--screenshot={shot}",
+            url,
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
+        assert shot.exists(), proc.stderr[-2000:]
+        return shot
+
+    return take
