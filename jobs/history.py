@@ -12,12 +12,11 @@ linking to its report.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jobs.drift import DRIFT_KS, DRIFT_P
-from jobs.report import _CSS, _data_uri, _e, _pyplot, _table
+from jobs.report import _CSS, _e, _pyplot, _table, figure_img
 from jobs.storage import StorageOptions, join, list_files, read_json, write_bytes, write_json
 
 
@@ -106,11 +105,7 @@ def _charts(entries: Sequence[Mapping[str, Any]]) -> str:
         ax.set_xticks(x, dates, rotation=45, ha="right", fontsize=7)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90)
-        plt.close(fig)
-        pngs.append(f'<img alt="{_e(title)}" src="{_data_uri(buf.getvalue())}">')
+        pngs.append(figure_img(fig, title))
 
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.bar(x, [e.get("scored", 0) for e in entries], color="#4a7fb5", label="scored")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 import re
 import uuid
 from collections.abc import Sequence
@@ -25,12 +24,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from jobs.schema import RESULT_SCHEMA
 from jobs.scoring import SHARD_N
 from jobs.sources import Shard
-from jobs.storage import StorageOptions, exists, filesystem, join, read_bytes, read_json, write_bytes, write_json
+from jobs.storage import StorageOptions, exists, filesystem, join, read_json, read_parquet, write_json, write_parquet
 
 RUN_FILE = "_run.json"
 PARTS_DIR = "parts"
@@ -140,19 +138,14 @@ def commit_part(out: str, shard_id: str, table: pa.Table, storage_options: Stora
     """Write the part of one shard atomically; returns its URI."""
     if table.schema != RESULT_SCHEMA:
         raise ValueError(f"Expected a table of RESULT_SCHEMA. Received columns: {table.schema.names}.")
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
     uri = part_uri(out, shard_id)
-    write_bytes(uri, buf.getvalue(), storage_options)
+    write_parquet(uri, table, storage_options)
     return uri
 
 
 def read_results(out: str, storage_options: StorageOptions | None = None) -> pa.Table:
     """Every committed row of a run (all parts), RESULT_SCHEMA. For tests and small runs."""
-    tables = [
-        pq.read_table(io.BytesIO(read_bytes(part_uri(out, sid), storage_options)))
-        for sid in sorted(committed_shards(out, storage_options))
-    ]
+    tables = [read_parquet(part_uri(out, sid), storage_options) for sid in sorted(committed_shards(out, storage_options))]
     return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
 
 

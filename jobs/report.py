@@ -166,11 +166,7 @@ def _histograms_section(hists: Mapping[str, tuple[np.ndarray, np.ndarray]], t: M
         ax.set_title(f"{score} ({th['direction']} is anomalous)", fontsize=10)
         ax.set_ylabel("images")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90)
-        plt.close(fig)
-        imgs.append(f'<img alt="histogram of {_e(score)}" src="{_data_uri(buf.getvalue())}">')
+        imgs.append(figure_img(fig, f"histogram of {score}"))
     return "<h2>Score histograms</h2><div class=hists>" + "".join(imgs) + "</div>"
 
 
@@ -301,6 +297,15 @@ def _png(pixels: np.ndarray) -> bytes:
 
 def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def figure_img(fig: Any, alt: str) -> str:
+    """A matplotlib figure as an ``<img>`` with an embedded PNG; closes the figure."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    _pyplot().close(fig)
+    return f'<img alt="{_e(alt)}" src="{_data_uri(buf.getvalue())}">'
 
 
 def _pyplot() -> Any:
