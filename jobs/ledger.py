@@ -145,7 +145,8 @@ def commit_part(out: str, shard_id: str, table: pa.Table, storage_options: Stora
 
 def read_results(out: str, storage_options: StorageOptions | None = None) -> pa.Table:
     """Every committed row of a run (all parts), RESULT_SCHEMA. For tests and small runs."""
-    tables = [read_parquet(part_uri(out, sid), storage_options) for sid in sorted(committed_shards(out, storage_options))]
+    ids = sorted(committed_shards(out, storage_options))
+    tables = [read_parquet(part_uri(out, sid), storage_options) for sid in ids]
     return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
 
 
