@@ -12,7 +12,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import OneClassSVM
 
-from detectors.base import BaseDetector, ScoreColumn, sklearn_from_bytes, sklearn_to_bytes
+from detectors.base import BaseDetector, ScoreColumn, sklearn_from_bytes, sklearn_to_bytes, split_validation
 from detectors.columns import COLUMNS
 from detectors.preprocessing import ImageBatch, check_image_size, check_non_empty, to_uint8_batch
 
@@ -52,6 +52,7 @@ class OcsvmDetector(BaseDetector):
         orientations: int = 9,
         nu: float = 0.1,
         gamma: str | float = "scale",
+        validation_fraction: float = 0.1,
         seed: int = 0,
     ) -> None:
         self.input_size = input_size
@@ -59,6 +60,7 @@ class OcsvmDetector(BaseDetector):
         self.orientations = orientations
         self.nu = nu
         self.gamma = gamma
+        self.validation_fraction = validation_fraction
         self.seed = seed
 
     def fit(self, images: ImageBatch, labels: Sequence[Any] | None = None, **_: Any) -> OcsvmDetector:
@@ -66,8 +68,12 @@ class OcsvmDetector(BaseDetector):
         check_image_size(self.input_size, multiple_of=self.pixels_per_cell)
         xb = to_uint8_batch(images, self.input_size, 1)
         self.pipeline_: Pipeline = make_pipeline(StandardScaler(), OneClassSVM(nu=self.nu, gamma=self.gamma))
-        self.pipeline_.fit(self._features(xb))
-        self._record_training(xb, self.score(xb))
+        # Calibrate on held-out images, like every detector: a OneClassSVM scores its own
+        # training images higher than new normal ones, and that bias would read as drift
+        # (and as a wrong calibrated threshold) on every normal night.
+        train_idx, val_idx = split_validation(len(xb), self.validation_fraction, self.seed)
+        self.pipeline_.fit(self._features(xb[train_idx]))
+        self._record_training(xb, self.score(xb[val_idx] if len(val_idx) else xb[train_idx]))
         return self
 
     def _features(self, xb: np.ndarray) -> np.ndarray:
