@@ -79,7 +79,8 @@ def _last_night(e: Mapping[str, Any]) -> str:
     ]
     if rows:
         out += _table(
-            ["score", "scored", "beyond threshold", "expected", "ratio", "KS", "KS p", "mean shift (sd)"], rows
+            ["score", "scored", "share beyond threshold", "expected share", "ratio", "KS", "KS p", "mean shift (sd)"],
+            rows,
         )
         out += (
             f"<p class=meta>Against the bundle's calibration (held-out normal training images). A score drifted "

@@ -192,6 +192,11 @@ def test_three_nights_on_s3(
     page = history_page_uri(out)
     assert exists(page, so) and exists(join(night_uri(out, "2026-11-02"), "_report", "report.html"), so)
 
+    # a night with nothing new is a night in the history, with nothing scored
+    n4 = scan(_config(src, scan_bundle, out, so, "2026-11-04"))
+    assert n4["status"] == "scanned" and n4["items"]["total"] == 0 and n4["images"] == 0
+    assert not exists(night_uri(out, "2026-11-04"), so)
+
     # the same night again: nothing scored, nothing written
     before = _objects(out, so)
     again = scan(_config(src, scan_bundle, out, so, "2026-11-03"))
