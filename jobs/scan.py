@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 from jobs.drift import LEVEL, DriftMeter
 from jobs.ledger import PARTS_DIR, committed_shards, part_uri
 from jobs.schema import SCORE_DIRECTIONS
-from jobs.score import ScoreConfig, check_bundle, score_shards
+from jobs.score import ScoreConfig, preflight, score_shards
 from jobs.sources import Item, group_shards, list_items
 from jobs.storage import (
     StorageOptions,
@@ -166,7 +166,7 @@ def scan(cfg: ScanConfig) -> dict[str, Any]:
     "already complete") and the URIs a person opens.
     """
     so = cfg.score.storage_options
-    _size, _channels, version = check_bundle(cfg.score)
+    _size, _channels, version = preflight(cfg.score)
     _bind_root(cfg, version)
     ledgers = set(_dates(_meta(cfg.root, "ledger"), ".parquet", so))
     for date in _dates(_meta(cfg.root, "plans"), ".parquet", so):

@@ -171,11 +171,11 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     message, before Ray starts, for a missing or empty source, an unreadable
     bundle or a RESULTS_URI that holds another run.
     """
-    check_bundle(cfg)
+    preflight(cfg)
     return score_shards(cfg, list_shards(cfg.source, cfg.storage_options))
 
 
-def check_bundle(cfg: ScoreConfig) -> tuple[int, int, str]:
+def preflight(cfg: ScoreConfig) -> tuple[int, int, str]:
     """The checks that need no source: the bundle loads, GPUs asked of a machine that has
     some. Returns (input size, channels, model version); raises with one line."""
     size, channels, version = _validate_bundle(cfg.models, cfg.storage_options)
@@ -189,7 +189,7 @@ def check_bundle(cfg: ScoreConfig) -> tuple[int, int, str]:
 
 def score_shards(cfg: ScoreConfig, shards: list[Shard]) -> dict[str, Any]:
     """Score these shards of ``cfg.source`` into ``cfg.out`` (``score`` lists them all;
-    the nightly scan passes the new and changed ones). Call ``check_bundle`` first."""
+    the nightly scan passes the new and changed ones). Call ``preflight`` first."""
     so = cfg.storage_options
     manifest = read_manifest(cfg.models, so)
     size, channels, version = int(manifest["input_size"]), int(manifest["channels"]), str(manifest["version"])
