@@ -131,3 +131,27 @@ def test_nodes_from_ray_keeps_alive_nodes_only() -> None:
         NodeResources(cpus=2, gpus=0, memory=4 * GIB),
         NodeResources(cpus=8, gpus=1, memory=30 * GIB),
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+# the stalled Ray Data executor thread is left waiting (a job process exits after the error);
+# ray.shutdown() then ends it with a SystemExit that pytest reports as a warning
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_pipeline_that_cannot_get_resources_ends_in_one_line_not_a_hang() -> None:
+    """The driver's watchdog (jobs/score.py ``_batches``) on a real stall: a stage asking for
+    more CPUs than the local Ray has is never scheduled, and Ray Data waits for it silently."""
+    import ray
+
+    from jobs.score import _batches
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        ds = ray.data.range(4).map_batches(lambda b: b, batch_format="pyarrow", num_cpus=2)
+        with pytest.raises(TimeoutError) as e:
+            for _ in _batches(ds, stall_s=5):
+                pass
+        msg = str(e.value)
+        assert msg.startswith("no images scored for 5s") and "of 1 CPU" in msg and "\n" not in msg, msg
+    finally:
+        ray.shutdown()
