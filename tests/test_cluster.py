@@ -37,10 +37,9 @@ from jobs.cli import main
 from jobs.demo_data import samples, write_tar_shards
 from jobs.ledger import read_results
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
-
 ROOT = Path(__file__).resolve().parents[1]
-#: what `working_dir` must not upload: the venv alone is gigabytes (Ray refuses packages over 500 MiB)
+#: what `working_dir` must not upload (beside .gitignore's and Ray's own defaults): the venv alone is
+#: gigabytes, and Ray refuses packages over 512 MiB
 EXCLUDES = [".venv", ".git", "bench/out", "*.egg-info", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache"]
 #: bound on one job, start-up of TensorFlow in the driver and each actor included (2 busy cores)
 JOB_TIMEOUT_S = 600
@@ -192,10 +191,23 @@ def archive(tmp_path_factory: Any, digits16: tuple[np.ndarray, np.ndarray]) -> d
     return {"source": str(root / "src"), "models": str(root / "model"), "root": str(root)}
 
 
+def test_the_uploaded_working_dir_stays_small(tmp_path: Path) -> None:
+    """What `working_dir` ships to the cluster, zipped the way Ray zips it (its limit: 512 MiB)."""
+    from ray._private.ray_constants import get_runtime_env_default_excludes
+    from ray._private.runtime_env.packaging import create_package
+
+    package = tmp_path / "package.zip"
+    excludes = EXCLUDES + get_runtime_env_default_excludes()
+    create_package(str(ROOT), package, include_parent_dir=False, excludes=excludes, include_gitignore=True)
+    assert package.stat().st_size < 5 << 20, package.stat().st_size
+
+
 def _error_lines(logs: str) -> list[str]:
     return [line for line in logs.splitlines() if line.startswith("imgscan: error:")]
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_score_runs_on_both_nodes_of_one_cpu_each(cluster: Cluster, archive: dict[str, str]) -> None:
     from ray.util.state import list_actors, list_tasks
 
@@ -223,6 +235,8 @@ def test_score_runs_on_both_nodes_of_one_cpu_each(cluster: Cluster, archive: dic
     assert work == set(cluster.node_ids), sorted((t.name, t.node_id) for t in tasks)
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_wrong_arguments_fail_with_the_laptops_one_line_error(
     cluster: Cluster, archive: dict[str, str], tmp_path: Path, capsys: Any
 ) -> None:
@@ -236,6 +250,8 @@ def test_wrong_arguments_fail_with_the_laptops_one_line_error(
     assert "Traceback" not in logs
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_a_pool_that_cannot_fit_is_refused_in_one_line(cluster: Cluster, archive: dict[str, str]) -> None:
     """--workers beyond what two 1-CPU nodes hold: one line saying what is missing, not a hang."""
     out = f"{archive['root']}/too-many"
