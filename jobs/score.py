@@ -291,7 +291,10 @@ def _check_resources(cfg: ScoreConfig) -> None:
 
 
 def _pool(cfg: ScoreConfig) -> PoolPlan:
-    """The pool (actors, CPUs per actor, CPUs per decode task), sized node by node (jobs/pool.py)."""
+    """The pool (actors, CPUs per actor, CPUs per decode task), sized node by node (jobs/pool.py).
+
+    On the nodes' total resources: inside ``ray job submit`` the driver holds none (Ray's
+    job supervisor reserves 0 CPU unless ``--entrypoint-num-cpus`` etc. are given)."""
     import ray
 
     nodes = nodes_from_ray(ray.nodes())
@@ -315,7 +318,8 @@ def build_dataset(cfg: ScoreConfig, run_id: str, pending: list[Shard], size: int
     workers, actor_cpus, decode_cpus = pool.workers, pool.actor_cpus, pool.decode_cpus
     log(
         f"run {run_id}: {len(pending)} shards to score with {workers} actor(s) "
-        f"({actor_cpus:g} CPU, {cfg.gpus_per_worker:g} GPU each), batch {cfg.batch_size}"
+        f"({actor_cpus:g} CPU, {cfg.gpus_per_worker:g} GPU each), decode tasks of {decode_cpus:g} CPU, "
+        f"batch {cfg.batch_size}"
     )
     manifest: ray.data.Dataset = ray.data.from_items([s.to_row() for s in pending], override_num_blocks=len(pending))
     ds = manifest.map_batches(
