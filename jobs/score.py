@@ -43,8 +43,8 @@ from jobs.pool import PoolPlan, nodes_from_ray, plan_pool
 from jobs.scoring import DECODE_CHUNK, decode_records, finish_part, score_table
 from jobs.sources import Shard, list_shards, read_shard
 
-#: seconds a Ray Data actor pool may wait for its first actor before failing
-#: (Ray's default waits long; a GPU actor that fits nowhere must fail, not hang)
+#: seconds a Ray Data actor pool may wait for its actors to start before failing (Ray's
+#: default, -1, never gives up: an actor that fits nowhere must fail the job, not hang it)
 WAIT_FOR_ACTORS_S = 600
 #: seconds the driver waits for the next scored batch before it stops with one line; longer
 #: than WAIT_FOR_ACTORS_S, so that slow actor start-ups get their own, clearer error first
