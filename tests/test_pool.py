@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+from typing import Any
 
 import pytest
 
@@ -133,25 +136,73 @@ def test_nodes_from_ray_keeps_alive_nodes_only() -> None:
     ]
 
 
+#: a driver whose pipeline stalls, as ``score()`` would meet it: local Ray, stall, shutdown, exit 1
+STALL_SCRIPT = """
+import sys, ray
+from jobs.score import _batches
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+try:
+    ds = ray.data.range(4).map_batches(lambda b: b, batch_format="pyarrow", num_cpus=2)
+    for _ in _batches(ds, stall_s=5):
+        pass
+except TimeoutError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+finally:
+    ray.shutdown()
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.cluster
-# the stalled Ray Data executor thread is left waiting (a job process exits after the error);
-# ray.shutdown() then ends it with a SystemExit that pytest reports as a warning
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_pipeline_that_cannot_get_resources_ends_in_one_line_not_a_hang() -> None:
-    """The driver's watchdog (jobs/score.py ``_batches``) on a real stall: a stage asking for
-    more CPUs than the local Ray has is never scheduled, and Ray Data waits for it silently."""
-    import ray
+    """The driver's watchdog (jobs/score.py ``_batches``) on a real stall: a stage asking for more
+    CPUs than the local Ray has is never scheduled, and Ray Data waits for it silently.
 
-    from jobs.score import _batches
+    In a process of its own: the stalled Ray Data executor thread stays behind after the
+    error (a job's process ends there), and it must not outlive a test process's Ray."""
+    import importlib
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    import ray  # noqa: F401  (Ray ships psutil and puts it on sys.path)
+
+    psutil = importlib.import_module("psutil")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STALL_SCRIPT],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        ds = ray.data.range(4).map_batches(lambda b: b, batch_format="pyarrow", num_cpus=2)
-        with pytest.raises(TimeoutError) as e:
-            for _ in _batches(ds, stall_s=5):
-                pass
-        msg = str(e.value)
-        assert msg.startswith("no images scored for 5s") and "of 1 CPU" in msg and "\n" not in msg, msg
+        _, err = proc.communicate(timeout=600)
     finally:
-        ray.shutdown()
+        left = [p for p in psutil.process_iter() if _session_of(p.pid) == proc.pid and _running(p)]
+        for p in left:  # processes this test started (its own session), none expected
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 1 and len(errors) == 1, err[-3000:]
+    assert errors[0].startswith("error: no images scored for 5s") and "of 1 CPU" in errors[0], errors
+    assert not left, left  # the job's Ray is gone with it
+
+
+def _running(p: Any) -> bool:
+    """Not a zombie: an exited process that no one reaped yet (PID 1 of a container may never)."""
+    try:
+        return bool(p.status() != "zombie")
+    except Exception:  # gone meanwhile
+        return False
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
