@@ -382,7 +382,9 @@ def _run_pipeline(
 def _batches(ds: Any, stall_s: float) -> Iterator[pa.Table]:
     """``ds.iter_batches()``, read in a thread so that the driver can stop waiting: raises
     ``TimeoutError`` (one line) when no batch comes for ``stall_s`` seconds. A pipeline
-    whose tasks cannot get resources otherwise waits silently, forever."""
+    whose tasks cannot get resources otherwise waits silently, forever. After that error the
+    stalled Ray Data execution stays blocked in its (daemon) thread: the job's process is
+    expected to end, as the command line does."""
     items: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=4)
     stop = threading.Event()
 
