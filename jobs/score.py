@@ -18,7 +18,9 @@ import contextlib
 import logging
 import math
 import os
+import queue
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,12 +39,16 @@ from jobs.ledger import (
     plan_run,
     write_run,
 )
+from jobs.pool import PoolPlan, nodes_from_ray, plan_pool
 from jobs.scoring import DECODE_CHUNK, decode_records, finish_part, score_table
 from jobs.sources import Shard, list_shards, read_shard
 
-#: seconds a Ray Data actor pool may wait for its first actor before failing
-#: (Ray's default waits long; a GPU actor that fits nowhere must fail, not hang)
+#: seconds a Ray Data actor pool may wait for its actors to start before failing (Ray's
+#: default, -1, never gives up: an actor that fits nowhere must fail the job, not hang it)
 WAIT_FOR_ACTORS_S = 600
+#: seconds the driver waits for the next scored batch before it stops with one line; longer
+#: than WAIT_FOR_ACTORS_S, so that slow actor start-ups get their own, clearer error first
+STALL_TIMEOUT_S = 900.0
 #: bytes of RAM one scoring actor is expected to hold (TensorFlow + a bundle), reserved in Ray
 ACTOR_MEMORY = 1 << 30
 
@@ -292,37 +298,20 @@ def _connect(cfg: ScoreConfig) -> bool:
 
 
 def _check_resources(cfg: ScoreConfig) -> None:
-    """A GPU actor that fits nowhere would wait forever: refuse instead."""
+    """Size the pool on the cluster's nodes now: a pool that fits nowhere would wait forever
+    (Ray queues what it cannot place), so it is refused here in one line instead."""
+    _pool(cfg)
+
+
+def _pool(cfg: ScoreConfig) -> PoolPlan:
+    """The pool (actors, CPUs per actor, CPUs per decode task), sized node by node (jobs/pool.py).
+
+    On the nodes' total resources: inside ``ray job submit`` the driver holds none (Ray's
+    job supervisor reserves 0 CPU unless ``--entrypoint-num-cpus`` etc. are given)."""
     import ray
 
-    if cfg.gpus_per_worker <= 0:
-        return
-    have = float(ray.cluster_resources().get("GPU", 0.0))
-    if have < cfg.gpus_per_worker:
-        where = f"the cluster at {cfg.ray_address}" if cfg.ray_address else "this machine"
-        raise ValueError(
-            f"--gpus-per-worker {cfg.gpus_per_worker} needs GPUs, but {where} has {have:g}. Drop the flag to "
-            "score on CPU, or start GPU nodes first (autoscaling clusters: keep min_workers >= 1 for the GPU type)."
-        )
-
-
-def _pool(cfg: ScoreConfig) -> tuple[int, float, float]:
-    """(actors, CPUs per actor, CPUs per decode task) from the flags and the cluster."""
-    import ray
-
-    resources = ray.cluster_resources()
-    cpus = float(resources.get("CPU", 1.0))
-    if cfg.gpus_per_worker > 0:
-        workers = cfg.workers or max(1, int(float(resources.get("GPU", 0.0)) // cfg.gpus_per_worker))
-        return workers, 1.0, 1.0
-    # One actor per CPU: the scikit-learn parts of a bundle (HOG + OneClassSVM, the mixture)
-    # run on one thread, so actors, not threads, use the cores.
-    workers = cfg.workers or max(1, int(cpus))
-    # Leave at least one CPU for read/decode tasks: an actor pool that reserves every
-    # CPU starves them and the job hangs.
-    decode_cpus = 1.0 if cpus >= 2 else 0.5
-    actor_cpus = max(0.1, min(1.0, (cpus - decode_cpus) / workers))
-    return workers, round(actor_cpus, 3), decode_cpus
+    nodes = nodes_from_ray(ray.nodes())
+    return plan_pool(nodes, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker, actor_memory=ACTOR_MEMORY)
 
 
 def build_dataset(cfg: ScoreConfig, run_id: str, pending: list[Shard], size: int, channels: int) -> Any:
@@ -338,10 +327,12 @@ def build_dataset(cfg: ScoreConfig, run_id: str, pending: list[Shard], size: int
     ctx.enable_progress_bars = False  # the driver prints its own progress lines
     ctx.print_on_execution_start = False
     ctx.wait_for_min_actors_s = WAIT_FOR_ACTORS_S
-    workers, actor_cpus, decode_cpus = _pool(cfg)
+    pool = _pool(cfg)
+    workers, actor_cpus, decode_cpus = pool.workers, pool.actor_cpus, pool.decode_cpus
     log(
         f"run {run_id}: {len(pending)} shards to score with {workers} actor(s) "
-        f"({actor_cpus:g} CPU, {cfg.gpus_per_worker:g} GPU each), batch {cfg.batch_size}"
+        f"({actor_cpus:g} CPU, {cfg.gpus_per_worker:g} GPU each), decode tasks of {decode_cpus:g} CPU, "
+        f"batch {cfg.batch_size}"
     )
     manifest: ray.data.Dataset = ray.data.from_items([s.to_row() for s in pending], override_num_blocks=len(pending))
     ds = manifest.map_batches(
@@ -386,7 +377,7 @@ def _run_pipeline(
 ) -> None:
     ds = build_dataset(cfg, plan.run_id, pending, size, channels)
     assembler = ShardAssembler()
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+    for batch in _batches(ds, STALL_TIMEOUT_S):
         for shard_id, tables in assembler.add(batch):
             _commit(cfg, shard_id, tables, progress)
     if assembler.open_shards:  # every row of a started shard carries on to the driver: a bug if not
@@ -399,6 +390,63 @@ def _run_pipeline(
     if assembler.duplicates:
         log(f"dropped {assembler.duplicates} repeated rows (retried tasks)")
     log(progress.line())
+
+
+def _batches(ds: Any, stall_s: float) -> Iterator[pa.Table]:
+    """``ds.iter_batches()``, read in a thread so that the driver can stop waiting: raises
+    ``TimeoutError`` (one line) when no batch comes for ``stall_s`` seconds. A pipeline
+    whose tasks cannot get resources otherwise waits silently, forever. After that error the
+    stalled Ray Data execution stays blocked in its (daemon) thread: the job's process is
+    expected to end, as the command line does."""
+    items: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=4)
+    stop = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                items.put(item, timeout=1.0)
+                return True
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                if not put(("batch", batch)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # handed to the driver thread, raised there
+            put(("error", e))
+
+    # daemon: a producer stuck in a stalled pipeline must not keep the process alive
+    threading.Thread(target=produce, name="imgscan-batches", daemon=True).start()
+    try:
+        while True:
+            try:
+                kind, value = items.get(timeout=stall_s)
+            except queue.Empty:
+                raise TimeoutError(_stall_message(stall_s)) from None
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+
+
+def _stall_message(stall_s: float) -> str:
+    import ray
+
+    free = ray.available_resources()
+    total = ray.cluster_resources()
+    have = (
+        ", ".join(f"{free.get(k, 0.0):g} of {total[k]:g} {k}" for k in ("CPU", "GPU") if total.get(k))
+        or "no CPU or GPU"
+    )
+    return (
+        f"no images scored for {stall_s:g}s: the pipeline is waiting for resources it cannot get "
+        f"(free on the cluster: {have}); stopped instead of waiting forever"
+    )
 
 
 def _commit(cfg: ScoreConfig, shard_id: str, tables: list[pa.Table], progress: Progress) -> None:
