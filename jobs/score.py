@@ -219,12 +219,15 @@ def score_shards(cfg: ScoreConfig, shards: list[Shard]) -> dict[str, Any]:
         import ray
 
         started = _connect(cfg)
+        written = False
         try:
             _check_resources(cfg)
             write_run(cfg.out, plan, so)
+            written = True
             _run_pipeline(cfg, plan, pending, size, channels, progress)
         except BaseException:
-            log(f"stopped after committing {progress.shards} shards; resume with --run-id {plan.run_id}")
+            if written:  # a refusal before the run was written leaves nothing to resume
+                log(f"stopped after committing {progress.shards} shards; resume with --run-id {plan.run_id}")
             raise
         finally:
             if started:

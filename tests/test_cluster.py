@@ -36,6 +36,7 @@ from jobs.bundle import ModelBundle
 from jobs.cli import main
 from jobs.demo_data import samples, write_tar_shards
 from jobs.ledger import read_results
+from jobs.storage import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 #: what `working_dir` must not upload (beside .gitignore's and Ray's own defaults): the venv alone is
@@ -154,7 +155,9 @@ def cluster() -> Iterator[Cluster]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def submit_and_wait(cluster: Cluster, argv: Sequence[str], timeout_s: float = JOB_TIMEOUT_S) -> tuple[str, str, str]:
+def submit_and_wait(
+    cluster: Cluster, argv: Sequence[str], timeout_s: float = JOB_TIMEOUT_S, submission_id: str | None = None
+) -> tuple[str, str, str]:
     """Submit ``python -m jobs ARGV`` with this checkout as working_dir; wait until it ends.
 
     Returns (status, logs, Ray job id). A job still running after ``timeout_s`` is
@@ -165,7 +168,7 @@ def submit_and_wait(cluster: Cluster, argv: Sequence[str], timeout_s: float = JO
     client = JobSubmissionClient(cluster.dashboard)
     sub_id = client.submit_job(
         entrypoint=f"python -m jobs {shlex.join(argv)}",
-        submission_id=f"imgscan-test-{uuid.uuid4().hex[:8]}",
+        submission_id=submission_id or f"imgscan-test-{uuid.uuid4().hex[:8]}",
         runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES},
     )
     deadline = time.monotonic() + timeout_s
@@ -262,3 +265,28 @@ def test_a_pool_that_cannot_fit_is_refused_in_one_line(cluster: Cluster, archive
     assert len(errors) == 1, logs[-3000:]
     assert "--workers 50 needs 50 actors" in errors[0] and "1 CPU/" in errors[0], errors
     assert not Path(out, "parts").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_nightly_scan_submitted_once_per_night(cluster: Cluster, archive: dict[str, str]) -> None:
+    """`scan` through the Jobs API as the README schedules it: one submission id per night,
+    so a retried submission of the same night is refused by Ray instead of running twice."""
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors
+
+    from jobs.scan import night_uri
+
+    root, night = f"{archive['root']}/nightly", "2026-11-25"
+    argv = ["scan", "--source", archive["source"], "--models", archive["models"], "--out", root, "--date", night]
+    sub_id = f"imgscan-scan-{night}-{uuid.uuid4().hex[:6]}"
+    status, logs, job_id = submit_and_wait(cluster, argv, submission_id=sub_id)
+    assert status == "SUCCEEDED", logs[-5000:]
+    assert f"scan {night}: 8 new or changed item(s) (0 replaced), {N_IMAGES} images scored (0 errors)" in logs
+    results = read_results(night_uri(root, night))
+    assert results.num_rows == len(set(results.column("image_id").to_pylist())) == N_IMAGES
+    assert [h["date"] for h in read_json(f"{root}/_scan/history.json")] == [night]
+    actors = list_actors(address=cluster.dashboard, filters=[("job_id", "=", job_id)], detail=True, limit=1000)
+    assert {a.node_id for a in actors if "ScoreActor" in a.class_name} == set(cluster.node_ids)
+    with pytest.raises(RuntimeError, match=sub_id):  # the same night submitted again
+        JobSubmissionClient(cluster.dashboard).submit_job(entrypoint="python -m jobs --help", submission_id=sub_id)
