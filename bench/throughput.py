@@ -187,8 +187,11 @@ class PeakPss:
         return self.peak
 
 
-def run_job(model: str, archive: Path, out: Path, batch_size: int, workers: int | None) -> dict[str, Any]:
-    """``python -m jobs score`` in a fresh process; its summary, steady-state rate and peak PSS."""
+def run_job(
+    model: str, archive: Path, out: Path, batch_size: int, workers: int | None, per_shard: int = PER_SHARD
+) -> dict[str, Any]:
+    """``python -m jobs score`` in a fresh process; its summary, steady-state rate (``per_shard``:
+    images of the first part, which the rate leaves out) and peak PSS."""
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
@@ -208,7 +211,7 @@ def run_job(model: str, archive: Path, out: Path, batch_size: int, workers: int 
     assert m, line
     parts = sorted((out / "parts").glob("*.parquet"), key=lambda p: p.stat().st_mtime)
     first, last = parts[0].stat().st_mtime, parts[-1].stat().st_mtime
-    n_after_first = int(m.group(1)) - PER_SHARD
+    n_after_first = int(m.group(1)) - per_shard
     steady = n_after_first / (last - first) if last > first else float("nan")
     return {
         "images": int(m.group(1)),

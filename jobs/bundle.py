@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Mapping
+import io
+import json
+import zipfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -64,11 +67,7 @@ class ModelBundle:
 
     def save(self, uri: str, storage_options: StorageOptions | None = None) -> str:
         files = self.files()
-        digest = hashlib.sha256()
-        for path in sorted(files):
-            digest.update(path.encode())
-            digest.update(hashlib.sha256(files[path]).digest())
-        self.version = digest.hexdigest()[:16]
+        self.version = bundle_version({path: hashlib.sha256(data).digest() for path, data in files.items()})
         self.created_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         for path, data in files.items():
             write_bytes(join(uri, path), data, storage_options)
@@ -132,3 +131,106 @@ def read_manifest(uri: str, storage_options: StorageOptions | None = None) -> di
     if int(manifest.get("format", 0)) > BUNDLE_FORMAT:
         raise BundleError(f"Model bundle {uri} has format {manifest['format']}; upgrade imgscan to read it.")
     return dict(manifest)
+
+
+def bundle_version(digests: Mapping[str, bytes]) -> str:
+    """The version of a bundle: a hash of its detector files' paths and sha256 digests."""
+    digest = hashlib.sha256()
+    for path in sorted(digests):
+        digest.update(path.encode())
+        digest.update(digests[path])
+    return digest.hexdigest()[:16]
+
+
+def check_bundle(uri: str, storage_options: StorageOptions | None = None) -> dict[str, Any]:
+    """Check a whole bundle without building its models (no TensorFlow: for the driver).
+
+    ``bundle.json`` is read and checked; every file it lists must exist and parse:
+    ``meta.json`` names its detector in a format this imgscan reads, a ``.keras`` file
+    is an intact zip (CRCs checked) with a weights file and a ``config.json`` that names
+    only Keras' own classes and imgscan's registered layers (no ``Lambda``: safe mode
+    refuses it), a ``.skops`` file loads with the trusted types ``ModelBundle.load``
+    allows. Last, the files' hash must equal the bundle's version. Returns the manifest;
+    raises ``BundleError`` with a one-line reason naming the detector and the file.
+    """
+    from detectors import DETECTOR_NAMES  # names only: importing the classes would load TensorFlow
+
+    manifest = read_manifest(uri, storage_options)
+    digests: dict[str, bytes] = {}
+    for name, fnames in manifest["detectors"].items():
+        if name not in DETECTOR_NAMES:
+            raise BundleError(f"Model bundle {uri} has unknown detector {name!r}; known: {list(DETECTOR_NAMES)}.")
+        if "meta.json" not in fnames:
+            raise BundleError(f"Model bundle {uri}: detector {name!r} cannot be loaded: it lists no meta.json.")
+        for fname in fnames:
+            try:
+                data = read_bytes(join(uri, name, fname), storage_options)
+            except StorageError as e:
+                raise BundleError(f"Model bundle {uri}: detector {name!r} cannot be loaded: {e}") from e
+            try:
+                _check_file(name, fname, data)
+            except Exception as e:  # any parser's error on a damaged file: one line, not a traceback
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise BundleError(f"Model bundle {uri}: detector {name!r} cannot be loaded: {fname}: {reason}") from e
+            digests[f"{name}/{fname}"] = hashlib.sha256(data).digest()
+    if bundle_version(digests) != manifest["version"]:
+        raise BundleError(
+            f"Model bundle {uri}: its files do not match version {manifest['version']} of bundle.json "
+            "(a file was changed after training); restore the bundle or train a new one."
+        )
+    return manifest
+
+
+#: the weights file a ``.keras`` archive holds (Keras 3 saving format)
+KERAS_WEIGHTS = "model.weights.h5"
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _check_file(detector: str, fname: str, data: bytes) -> None:
+    """Raise (any exception) when one bundle file cannot be what its name says."""
+    if fname == "meta.json":
+        from detectors.base import BaseDetector  # numpy + json only
+
+        BaseDetector._read_metadata({"meta.json": data}, detector)
+    elif fname.endswith(".keras"):
+        _check_keras(data)
+    elif fname.endswith(".skops"):
+        from detectors.base import sklearn_from_bytes  # scikit-learn + skops only
+
+        sklearn_from_bytes(data)
+
+
+def _check_keras(data: bytes) -> None:
+    """A ``.keras`` file without Keras: zip intact, weights present, config only of known classes."""
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        broken = zf.testzip()
+        if broken is not None:
+            raise ValueError(f"member {broken} is damaged (CRC mismatch)")
+        names = set(zf.namelist())
+        if "config.json" not in names or KERAS_WEIGHTS not in names:
+            raise ValueError(
+                f"not a Keras 3 model file: expected config.json and {KERAS_WEIGHTS}, found {sorted(names)}"
+            )
+        if zf.read(KERAS_WEIGHTS)[: len(HDF5_SIGNATURE)] != HDF5_SIGNATURE:
+            raise ValueError(f"{KERAS_WEIGHTS} is not an HDF5 file")
+        config = json.loads(zf.read("config.json"))
+    for obj in _keras_objects(config):
+        cls, module, registered = obj.get("class_name"), obj.get("module"), obj.get("registered_name")
+        if cls == "Lambda":
+            raise ValueError("a Lambda layer holds code: Keras refuses it in safe mode")
+        own = isinstance(module, str) and (module == "keras" or module.startswith("keras."))
+        ours = isinstance(registered, str) and registered.startswith("imgscan>")
+        if module is not None and not (own or ours):
+            raise ValueError(f"class {cls!r} of module {module!r} is neither Keras' nor imgscan's")
+
+
+def _keras_objects(config: Any) -> Iterator[dict[str, Any]]:
+    """Every serialised object (a dict with ``class_name``) in a Keras config, depth first."""
+    if isinstance(config, dict):
+        if "class_name" in config:
+            yield config
+        for value in config.values():
+            yield from _keras_objects(value)
+    elif isinstance(config, list):
+        for value in config:
+            yield from _keras_objects(value)

@@ -14,7 +14,6 @@ every image ends in exactly one row.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -28,7 +27,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from jobs.bundle import ModelBundle, read_manifest
+from jobs.bundle import ModelBundle, check_bundle, read_manifest
 from jobs.images import MAX_PIXELS
 from jobs.ledger import (
     RunPlan,
@@ -260,22 +259,27 @@ def summary_line(summary: dict[str, Any]) -> str:
 
 
 def _validate_bundle(models: str, storage_options: dict[str, Any]) -> tuple[int, int, str]:
-    """Load every detector once on the driver: a corrupt model file must fail now, in
-    one line, not later in an actor. Returns (input size, channels, version)."""
-    import tensorflow as tf
-
-    # The driver only checks: leave every GPU of this node to the actors (a RuntimeError
-    # means TensorFlow was initialised already by an embedding program: leave it be).
-    with contextlib.suppress(RuntimeError):
-        tf.config.set_visible_devices([], "GPU")
-    bundle = ModelBundle.load(models, storage_options)
-    return bundle.input_size, bundle.channels, bundle.version
+    """Check every file of the bundle on the driver: a corrupt model file must fail now, in
+    one line, not later in an actor. Without building the models (``check_bundle``): the
+    driver never imports TensorFlow, which would hold ~1 GiB for the whole job.
+    Returns (input size, channels, version)."""
+    manifest = check_bundle(models, storage_options)
+    return int(manifest["input_size"]), int(manifest["channels"]), str(manifest["version"])
 
 
 def _local_gpus() -> int:
-    import tensorflow as tf
-
-    return len(tf.config.list_physical_devices("GPU"))
+    """NVIDIA GPUs on this machine, without TensorFlow: the devices in CUDA_VISIBLE_DEVICES
+    when it is set (TensorFlow and Ray honour it too; "" or "-1" hide them all), else the
+    GPUs the NVIDIA kernel driver lists in /proc/driver/nvidia/gpus (Linux; containers of
+    the NVIDIA runtime see it too), else 0. Only a first answer for the embedded Ray: on a
+    cluster, Ray's own count decides (``_check_resources``)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and not d.strip().startswith("-")])
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:  # no NVIDIA driver loaded
+        return 0
 
 
 def _connect(cfg: ScoreConfig) -> bool:

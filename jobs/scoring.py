@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from detectors.preprocessing import resize_uint8
 from jobs.bundle import ModelBundle
-from jobs.images import MAX_PIXELS, decode_image
+from jobs.images import DRAFT_MARGIN, MAX_PIXELS, decode_image
 from jobs.schema import BOOKKEEPING, RESULT_SCHEMA, TRAILER
 from jobs.sources import Record
 
@@ -56,10 +56,14 @@ def decoded_schema(size: int, channels: int) -> pa.Schema:
 
 def decode_record(rec: Record, size: int, channels: int, *, max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
     """One record -> {status, error, width, height, pixels}; pixels is uint8
-    (size, size, channels) for status "ok", None for "error"."""
+    (size, size, channels) for status "ok", None for "error".
+
+    A JPEG is decoded at the DCT scale that still leaves ``DRAFT_MARGIN * size`` pixels
+    on its short side (and as luma alone for a gray model), then resized as any image.
+    """
     if rec.error is not None:
         return {"status": "error", "error": rec.error, "width": None, "height": None, "pixels": None}
-    dec = decode_image(rec.data, max_pixels=max_pixels)
+    dec = decode_image(rec.data, max_pixels=max_pixels, min_size=DRAFT_MARGIN * size, gray=channels == 1)
     if dec.pixels is None:
         return {"status": "error", "error": dec.error, "width": dec.width, "height": dec.height, "pixels": None}
     try:

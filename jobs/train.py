@@ -23,7 +23,7 @@ from detectors import DETECTORS, AutoencoderDetector, BaseDetector, CamDetector,
 from detectors.base import fingerprint
 from detectors.preprocessing import resize_uint8
 from jobs.bundle import ModelBundle
-from jobs.images import decode_image
+from jobs.images import DRAFT_MARGIN, decode_image
 from jobs.sources import Shard, SourceError, list_shards, read_shard
 from jobs.storage import StorageError, StorageOptions, join, read_bytes, write_bytes, write_json
 
@@ -101,7 +101,13 @@ def load_training_set(
     t0 = time.monotonic()
     for shard in shards:
         for rec in read_shard(shard, storage_options):
-            dec = decode_image(rec.data) if rec.error is None else None
+            # at the size the models need, as the scoring job decodes (a camera JPEG is held at
+            # ~2x the input size, not whole, until all are resized)
+            dec = (
+                decode_image(rec.data, min_size=DRAFT_MARGIN * image_size, gray=channels == 1)
+                if rec.error is None
+                else None
+            )
             if dec is None or dec.pixels is None:
                 skipped.append({"image_id": rec.image_id, "reason": rec.error or (dec.error if dec else "")})
                 continue

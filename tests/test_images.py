@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.images import MAX_PIXELS, decode_image
+from jobs.images import MAX_PIXELS, Decoded, decode_image
 
 
 def _encode(im: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:
@@ -153,3 +153,129 @@ def test_truncated_file_gives_a_reason(fmt: str) -> None:
     d = decode_image(data[: len(data) // 2])
     assert d.pixels is None and d.error is not None
     assert d.error.startswith("corrupt image"), d.error
+
+
+# -- JPEGs decoded at the size a model needs (libjpeg's DCT scaling through PIL's draft) -------------
+
+#: decode + resize of the fast path against the full decode, uint8 levels: DCT scaling averages
+#: 8x8 blocks where the resize would average the same pixels; what differs is rounding and the
+#: shape of the filters, a few levels at most on photo content
+FAST_MEAN_TOL = 2.0
+FAST_MAX_TOL = 40
+
+
+def _photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """uint8 (height, width, 3): a real photo (scikit-image's astronaut) upscaled, with noise."""
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    big = np.asarray(Image.fromarray(data.astronaut()).resize((width, height), Image.Resampling.BICUBIC))
+    return np.clip(big.astype(np.int16) + rng.integers(-6, 7, big.shape), 0, 255).astype(np.uint8)
+
+
+def _jpeg(im: Image.Image, **kwargs: object) -> bytes:
+    return _encode(im, "JPEG", quality=90, **kwargs)
+
+
+def _model_input(d: object, size: int = 64, channels: int = 3) -> np.ndarray:
+    from detectors.preprocessing import resize_uint8
+
+    assert isinstance(d, Decoded) and d.pixels is not None, d
+    return resize_uint8(d.pixels, size, channels).astype(np.int16)
+
+
+def _assert_close(fast: np.ndarray, full: np.ndarray) -> None:
+    diff = np.abs(fast - full)
+    assert diff.mean() <= FAST_MEAN_TOL and diff.max() <= FAST_MAX_TOL, (diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize(
+    ("kind", "kwargs"), [("baseline", {}), ("progressive", {"progressive": True}), ("4:4:4", {"subsampling": 0})]
+)
+def test_jpeg_fast_path_matches_full_decode(kind: str, kwargs: dict[str, object]) -> None:
+    data = _jpeg(Image.fromarray(_photo(1600, 1200), "RGB"), **kwargs)
+    full = decode_image(data)
+    fast = decode_image(data, min_size=128)
+    assert fast.error is None and fast.pixels is not None and full.pixels is not None
+    # 1600x1200 -> 1/8 would leave 150 px, >= 128 on the short side: that scale is taken
+    assert fast.pixels.shape == (150, 200, 3) and full.pixels.shape == (1200, 1600, 3)
+    assert (fast.width, fast.height) == (full.width, full.height) == (1600, 1200)  # the stored size
+    _assert_close(_model_input(fast), _model_input(full))
+
+
+def test_jpeg_fast_path_keeps_twice_the_input_size() -> None:
+    data = _jpeg(Image.fromarray(_photo(1000, 700), "RGB"))
+    # 1/8 would leave 88 px on the short side, 1/4 leaves 175: the smallest scale >= 128
+    d = decode_image(data, min_size=128)
+    assert d.pixels is not None and d.pixels.shape == (175, 250, 3)
+
+
+def test_jpeg_fast_path_applies_exif_orientation_after_scaling() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    data = _jpeg(Image.fromarray(_photo(1600, 1200), "RGB"), exif=exif)
+    full = decode_image(data)
+    fast = decode_image(data, min_size=128)
+    assert fast.pixels is not None and full.pixels is not None
+    assert full.pixels.shape == (1600, 1200, 3) and fast.pixels.shape == (200, 150, 3)
+    assert (fast.width, fast.height) == (full.width, full.height) == (1200, 1600)  # displayed, full size
+    _assert_close(_model_input(fast), _model_input(full))
+
+
+def test_cmyk_jpeg_fast_path() -> None:
+    cmyk = Image.fromarray(_photo(1200, 900), "RGB").convert("CMYK")
+    data = _jpeg(cmyk)
+    assert Image.open(io.BytesIO(data)).mode == "CMYK"
+    full = decode_image(data)
+    fast = decode_image(data, min_size=64)
+    assert fast.pixels is not None and fast.pixels.shape == (113, 150, 3)  # 1/8, colour converted
+    assert (fast.width, fast.height) == (1200, 900)
+    _assert_close(_model_input(fast, 32), _model_input(full, 32))
+
+
+def test_gray_jpeg_fast_path() -> None:
+    gray = Image.fromarray(_photo(1200, 900), "RGB").convert("L")
+    data = _jpeg(gray)
+    full = decode_image(data)
+    fast = decode_image(data, min_size=64)
+    assert fast.pixels is not None and fast.pixels.shape == (113, 150, 1)
+    _assert_close(_model_input(fast, 32, 1), _model_input(full, 32, 1))
+
+
+def test_colour_jpeg_for_a_gray_model_is_decoded_as_luma() -> None:
+    data = _jpeg(Image.fromarray(_photo(1200, 900), "RGB"))
+    fast = decode_image(data, min_size=64, gray=True)
+    assert fast.pixels is not None and fast.pixels.shape == (113, 150, 1)
+    # the JPEG's Y plane is the ITU-R 601 luma that resize_uint8 computes from RGB
+    _assert_close(_model_input(fast, 32, 1), _model_input(decode_image(data), 32, 1))
+
+
+def test_jpeg_smaller_than_the_input_size_is_decoded_whole() -> None:
+    rgb = _photo(40, 30)
+    d = decode_image(_jpeg(Image.fromarray(rgb, "RGB")), min_size=128)
+    assert d.error is None and d.pixels is not None
+    assert d.pixels.shape == (30, 40, 3) and (d.width, d.height) == (40, 30)
+    np.testing.assert_array_equal(d.pixels, decode_image(_jpeg(Image.fromarray(rgb, "RGB"))).pixels)
+
+
+def test_other_formats_ignore_the_fast_path() -> None:
+    g = _ramp(120, 200)
+    d = decode_image(_encode(Image.fromarray(g, "L")), min_size=16, gray=True)
+    assert d.pixels is not None
+    np.testing.assert_array_equal(d.pixels[:, :, 0], g)
+
+
+def _jpeg_header_only(width: int, height: int) -> bytes:
+    """A real small JPEG whose frame header (SOF0) is patched to announce width x height: the
+    scan data is far too short for that size, so decoding it whole would be the bomb."""
+    data = bytearray(_jpeg(Image.fromarray(_photo(16, 16), "RGB")))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(("width", "height"), [(10_000, 8_000), (12_000, 10_000), (40_000, 40_000)])
+@pytest.mark.parametrize("min_size", [None, 128])
+def test_jpeg_bomb_is_refused_from_its_header(width: int, height: int, min_size: int | None) -> None:
+    d = decode_image(_jpeg_header_only(width, height), min_size=min_size)
+    assert d.pixels is None and d.error is not None and d.error.startswith("image too large"), d.error

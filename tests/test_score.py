@@ -162,6 +162,31 @@ def _check_scores(results: pa.Table, bundle: ModelBundle, items: list[Sample]) -
         assert row["width"] and row["height"]
 
 
+#: scores of a camera-size JPEG through the DCT-scaled decode against the full decode: the mean
+#: |difference| of each score stays under this fraction of the score's spread over the images
+FAST_SCORE_TOL = 0.1
+
+
+def test_jpeg_scores_of_the_fast_path_match_the_full_decode(bundle: ModelBundle) -> None:
+    imgs, labels = digits(SIZE)
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(24):  # 24 digits as 800x600 photos: upscaled, with noise, JPEG quality 90
+        big = np.asarray(Image.fromarray(imgs[i]).resize((800, 600), Image.Resampling.BICUBIC)).astype(np.int16)
+        noisy = np.clip(big + rng.integers(-10, 11, big.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(np.dstack([noisy] * 3), "RGB").save(buf, format="JPEG", quality=90)
+        items.append(Sample(f"photo{i}", buf.getvalue(), str(labels[i])))
+    table = pa.concat_tables(list(decode_records(_records(items), "mem://s", SIZE, 1)))
+    assert table.column("width").to_pylist() == [800] * 24 and table.column("height").to_pylist() == [600] * 24
+    fast = bundle.score(pixels_of(table, SIZE, 1))
+    full_px = np.stack([resize_uint8(decode_image(s.data).pixels, SIZE, 1) for s in items])  # type: ignore[arg-type]
+    full = bundle.score(full_px)
+    for col in ("recon_error", "recon_local", "gmm_loglik", "gmm_local_loglik", "cam_prob", "ocsvm_score"):
+        a, b = np.asarray(full[col], np.float64), np.asarray(fast[col], np.float64)
+        assert np.abs(a - b).mean() <= FAST_SCORE_TOL * a.std(), (col, np.abs(a - b).mean(), a.std())
+
+
 # -- the Ray job ------------------------------------------------------------------------------------
 
 

@@ -170,3 +170,20 @@ def _kill_session(sid: int) -> None:
             with contextlib.suppress(ProcessLookupError):  # already gone
                 os.kill(p.pid, signal.SIGKILL)
         psutil.wait_procs(procs, timeout=10)
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_the_driver_never_imports_tensorflow(bundle_uri: str, src: Path, tmp_path: Path) -> None:
+    """The bundle is checked without building its models: TensorFlow lives in the actors only
+    (in the driver it held about 1 GiB for the whole job)."""
+    code = (
+        "import sys; from jobs.cli import main; rc = main(sys.argv[1:]); "
+        "print(rc, sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras'}))"
+    )
+    args = ["score", "--source", str(src), "--models", bundle_uri, "--out", str(tmp_path / "out"), "--num-cpus", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "0 []", proc.stdout
+    assert read_results(str(tmp_path / "out")).num_rows == 40  # it did score, in the actors
