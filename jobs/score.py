@@ -14,6 +14,7 @@ every image ends in exactly one row.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
