@@ -22,6 +22,7 @@ VERBS: dict[str, str] = {
     "train": "jobs.train_cli",
     "score": "jobs.score_cli",
     "reduce": "jobs.reduce_cli",
+    "audit": "jobs.audit_cli",
     "demo": "jobs.demo",
 }
 
