@@ -35,7 +35,7 @@ N_FLIPS = 10
 N_PLANTED = 3
 SIZE = 16
 #: small and quick: 3 folds of a few hundred 16 px digits
-FLAGS = ["--folds", "3", "--image-size", str(SIZE), "--epochs", "10"]
+FLAGS = ["--folds", "3", "--image-size", str(SIZE), "--epochs", "8"]
 
 
 def build_items(seed: int = 0) -> dict[str, Any]:
@@ -216,7 +216,7 @@ def test_audit_over_s3_gives_the_same_issues(
     so = s3["storage_options"]
     src, out = join(s3["root"], "src"), join(s3["root"], "audit")
     write_folder(src, truth["items"], so)
-    summary = audit(AuditConfig(source=src, out=out, folds=3, image_size=SIZE, epochs=10, storage_options=so))
+    summary = audit(AuditConfig(source=src, out=out, folds=3, image_size=SIZE, epochs=8, storage_options=so))
     local = read_table(join(local_run["out"], "label_issues.parquet")).to_pylist()
     remote = read_table(join(out, "label_issues.parquet"), so).to_pylist()
     assert [key_of(r["image_id"]) for r in remote] == [key_of(r["image_id"]) for r in local]

@@ -241,7 +241,7 @@ def audit(cfg: AuditConfig) -> dict[str, Any]:
     found = find_issues(labels, probs)
     oof_accuracy = float((probs.argmax(axis=1) == labels).mean())
     log(f"out-of-fold accuracy {oof_accuracy:.4f}; cleanlab finds {int(found.is_issue.sum())} label issues")
-    groups = find_duplicates(ts.digests, joint_embeddings(results), names)
+    groups = find_duplicates(ts.digests, joint_embeddings(results), names, pixels=images)
     conflicting = sum(g.conflicting for g in groups)
     log(f"{len(groups)} duplicate groups ({conflicting} with conflicting labels)")
 
