@@ -141,6 +141,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as root:
             rows.append((noise, "imgscan audit (CAM, 5 folds)", run_audit(data, root, shlex.split(args.flags))))
         rows.append((noise, "baseline (LogisticRegression, pixels)", run_baseline(data, args.seed)))
+        for _, name, r in rows[-2:]:  # as it goes: a run on a busy machine can take long
+            print(f"  {noise:.0%} {name}: {r}", file=sys.stderr, flush=True)
     head = (
         "| noise | method | flagged | precision | recall | copies flagged | duplicates found "
         "| conflicting groups | wall time |"
