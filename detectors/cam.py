@@ -104,6 +104,23 @@ def _default_filters(synthetic: bool) -> tuple[int, ...]:
     return (32, 64) if synthetic else (32, 64, 128)
 
 
+def random_shifts(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Each image moved by its own random (dy, dx) in [-max_shift, max_shift], zero-filled.
+
+    images: uint8 (n, h, w, c) -> uint8 (n, h, w, c). A label names the object, not
+    where it sits: fresh shifts every epoch keep a small CNN from memorising
+    pixels (and, in the label audit, from memorising wrong labels).
+    """
+    n, h, w, _ = images.shape
+    out = np.zeros_like(images)
+    shifts = rng.integers(-max_shift, max_shift + 1, size=(n, 2))
+    for i, (dy, dx) in enumerate(shifts):
+        ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+        xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+        out[i, yd, xd] = images[i, ys, xs]
+    return out
+
+
 class CamDetector(BaseDetector):
     """Class, probability, anomaly probability and class activation map."""
 
@@ -125,7 +142,9 @@ class CamDetector(BaseDetector):
         epochs: int = 30,
         batch_size: int = 32,
         learning_rate: float = 1e-3,
+        schedule: str = "constant",
         validation_fraction: float = 0.1,
+        shift: int = 0,
         seed: int = 0,
     ) -> None:
         self.input_size = input_size
@@ -139,7 +158,9 @@ class CamDetector(BaseDetector):
         self.epochs = epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
+        self.schedule = schedule
         self.validation_fraction = validation_fraction
+        self.shift = shift
         self.seed = seed
 
     def fit(self, images: ImageBatch, labels: Sequence[Any] | None = None, *, verbose: int = 0) -> CamDetector:
@@ -153,6 +174,8 @@ class CamDetector(BaseDetector):
             raise ValueError(f"Expected one label per image. Received: {len(labels)} labels for {n} images.")
         if self.epochs < 1:
             raise ValueError(f"Expected epochs >= 1. Received: epochs={self.epochs}.")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"Expected schedule 'constant' or 'cosine'. Received: schedule={self.schedule!r}.")
         seed_everything(self.seed)
         rng = np.random.default_rng(self.seed)
         xb = to_uint8_batch(images, self.input_size, self.channels)
@@ -179,8 +202,15 @@ class CamDetector(BaseDetector):
             weights=self.weights,
             trainable_blocks=self.trainable_blocks,
         )
+        learning_rate: Any = self.learning_rate
+        if self.schedule == "cosine":
+            # decays to zero over the whole run: the last epoch's weights are a settled model,
+            # not one caught mid-swing (at a constant rate, accuracy on held-out digits moved by
+            # +-7 points from one epoch to the next once the model began to fit noisy labels)
+            per_epoch = -(-len(train_idx) * (2 if synthetic else 1) // self.batch_size)
+            learning_rate = keras.optimizers.schedules.CosineDecay(self.learning_rate, per_epoch * self.epochs)
         self.model_.compile(
-            optimizer=keras.optimizers.Adam(self.learning_rate),
+            optimizer=keras.optimizers.Adam(learning_rate),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
         )
@@ -192,6 +222,8 @@ class CamDetector(BaseDetector):
         history: dict[str, list[float]] = {}
         for epoch in range(self.epochs):
             x_tr, y_tr = xb[train_idx], y[train_idx]
+            if self.shift:
+                x_tr = random_shifts(x_tr, self.shift, rng)
             if synthetic:  # fresh defects every epoch: they never repeat
                 x_tr = np.concatenate([x_tr, make_defects(x_tr, rng)])
                 y_tr = np.concatenate([y_tr, np.full(len(train_idx), defect)])
@@ -251,6 +283,23 @@ class CamDetector(BaseDetector):
         feats, probs = predict_in_batches(self.cam_model_, self._model_input(xb))
         cams = np.einsum("nhwd,dk->nhwk", feats, self.dense_weights_).astype(np.float32)
         return probs.astype(np.float32), cams
+
+    def predict_embeddings(self, images: ImageBatch, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """-> (probabilities float32 (n, k), embeddings float32 (n, d)).
+
+        The embedding is the ``cam_gap`` vector: the last-conv activations averaged
+        over the map (d = filters of the last block), what ``cam_dense`` weighs.
+        Batched, so only one batch of feature maps is held at a time.
+        """
+        self._check_fitted()
+        xb = to_uint8_batch(images, self.input_size, self.channels)
+        probs = np.zeros((len(xb), len(self.classes_)), np.float32)
+        embeddings = np.zeros((len(xb), self.dense_weights_.shape[0]), np.float32)
+        for start in range(0, len(xb), batch_size):
+            feats, p = self.cam_model_(self._model_input(xb[start : start + batch_size]), training=False)
+            probs[start : start + len(p)] = np.asarray(p)
+            embeddings[start : start + len(p)] = np.asarray(feats).mean(axis=(1, 2))
+        return probs, embeddings
 
     def score(self, images: ImageBatch) -> dict[str, Any]:
         probs, cams = self.predict_maps(images)

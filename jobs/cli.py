@@ -23,6 +23,7 @@ VERBS: dict[str, str] = {
     "score": "jobs.score_cli",
     "reduce": "jobs.reduce_cli",
     "scan": "jobs.scan_cli",
+    "audit": "jobs.audit_cli",
     "demo": "jobs.demo",
 }
 

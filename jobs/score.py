@@ -15,7 +15,6 @@ every image ends in exactly one row.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import queue
@@ -40,6 +39,7 @@ from jobs.ledger import (
     write_run,
 )
 from jobs.pool import PoolPlan, nodes_from_ray, plan_pool
+from jobs.ray_setup import connect, local_gpus
 from jobs.scoring import DECODE_CHUNK, decode_records, finish_part, score_table
 from jobs.sources import Shard, list_shards, read_shard
 
@@ -185,7 +185,7 @@ def preflight(cfg: ScoreConfig) -> tuple[int, int, str]:
     """The checks that need no source: the bundle loads, GPUs asked of a machine that has
     some. Returns (input size, channels, model version); raises with one line."""
     size, channels, version = _validate_bundle(cfg.models, cfg.storage_options)
-    if cfg.gpus_per_worker > 0 and cfg.ray_address is None and not _local_gpus():
+    if cfg.gpus_per_worker > 0 and cfg.ray_address is None and not local_gpus():
         raise ValueError(
             f"--gpus-per-worker {cfg.gpus_per_worker:g} needs GPUs, but this machine has none. "
             "Drop the flag to score on CPU, or pass --address of a cluster with GPU nodes."
@@ -268,41 +268,9 @@ def _validate_bundle(models: str, storage_options: dict[str, Any]) -> tuple[int,
     return int(manifest["input_size"]), int(manifest["channels"]), str(manifest["version"])
 
 
-def _local_gpus() -> int:
-    """NVIDIA GPUs on this machine, without TensorFlow: the devices in CUDA_VISIBLE_DEVICES
-    when it is set (TensorFlow and Ray honour it too; "" or "-1" hide them all), else the
-    GPUs the NVIDIA kernel driver lists in /proc/driver/nvidia/gpus (Linux; containers of
-    the NVIDIA runtime see it too), else 0. Only a first answer for the embedded Ray: on a
-    cluster, Ray's own count decides (``_check_resources``)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and not d.strip().startswith("-")])
-    try:
-        return len(os.listdir("/proc/driver/nvidia/gpus"))
-    except OSError:  # no NVIDIA driver loaded
-        return 0
-
-
 def _connect(cfg: ScoreConfig) -> bool:
     """Join the cluster or start Ray here; True when this call started Ray (and must stop it)."""
-    import ray
-
-    if ray.is_initialized():  # an embedding program (tests, a notebook) owns Ray
-        return False
-    address = cfg.ray_address
-    if address is None:
-        ray.init(
-            address="local",  # never attach to some other Ray found on this machine
-            num_cpus=cfg.num_cpus or os.cpu_count() or 1,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            # workers' own logs (TensorFlow start-up chatter) stay in the Ray session logs;
-            # their errors reach the driver as exceptions anyway
-            log_to_driver=False,
-        )
-    else:
-        ray.init(address=address, logging_level=logging.WARNING)
-    return True
+    return connect(cfg.ray_address, cfg.num_cpus)
 
 
 def _check_resources(cfg: ScoreConfig) -> None:

@@ -8,6 +8,7 @@ every label (or normal vs self-made defects when there is only one).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import sys
@@ -71,6 +72,7 @@ class TrainingSet:
     ids: list[str]
     skipped: list[dict[str, str | None]]
     channels: int
+    digests: list[str] = field(default_factory=list)  # sha256 of each image's bytes (exact duplicates)
 
 
 def log(msg: str) -> None:
@@ -93,10 +95,14 @@ def load_training_set(
     image_size: int,
     channels: int | None,
     storage_options: StorageOptions | None = None,
+    *,
+    progress: Callable[[str], None] | None = None,
 ) -> TrainingSet:
     """Read and decode every image of a source, resized to ``image_size``; the
-    unreadable ones are listed in ``skipped`` with their reason."""
-    raw: list[tuple[np.ndarray, str | None, str]] = []
+    unreadable ones are listed in ``skipped`` with their reason. ``progress``
+    gets a line per shard (default: this verb's log)."""
+    progress = progress or log
+    raw: list[tuple[np.ndarray, str | None, str, str]] = []
     skipped: list[dict[str, str | None]] = []
     t0 = time.monotonic()
     for shard in shards:
@@ -111,14 +117,14 @@ def load_training_set(
             if dec is None or dec.pixels is None:
                 skipped.append({"image_id": rec.image_id, "reason": rec.error or (dec.error if dec else "")})
                 continue
-            raw.append((dec.pixels, rec.label, rec.image_id))
-        log(f"read {len(raw) + len(skipped)} images ({len(skipped)} unreadable), {time.monotonic() - t0:.1f}s")
+            raw.append((dec.pixels, rec.label, rec.image_id, hashlib.sha256(rec.data or b"").hexdigest()))
+        progress(f"read {len(raw) + len(skipped)} images ({len(skipped)} unreadable), {time.monotonic() - t0:.1f}s")
     if not raw:
         raise SourceError(f"Source {source} has no readable image ({len(skipped)} unreadable).")
     if channels is None:
-        channels = 3 if any(_has_colour(p) for p, _, _ in raw) else 1
-    images = [resize_uint8(p, image_size, channels) for p, _, _ in raw]
-    return TrainingSet(images, [lbl for _, lbl, _ in raw], [i for _, _, i in raw], skipped, channels)
+        channels = 3 if any(_has_colour(p) for p, _, _, _ in raw) else 1
+    images = [resize_uint8(p, image_size, channels) for p, _, _, _ in raw]
+    return TrainingSet(images, [r[1] for r in raw], [r[2] for r in raw], skipped, channels, digests=[r[3] for r in raw])
 
 
 def _has_colour(p: np.ndarray) -> bool:

@@ -1,0 +1,114 @@
+"""Duplicate images: identical bytes, and near-duplicates in the fold models' embedding space.
+
+Pairs are joined into groups (union-find): an exact pair by its content hash,
+a near pair when the cosine similarity of the joint embeddings
+(``jobs.audit.folds.joint_embeddings``) is at least ``NEAR_SIMILARITY`` and the
+model inputs agree to ``NEAR_PIXEL_DIFF`` grey levels on average. A group whose
+members carry different labels is a *conflict*: at least one of its labels is
+wrong, whatever the classifier thinks.
+
+Why the pixel check: the embeddings are a classifier's, trained to put every image
+of a class close together, so two different images of one class can be as close as
+a copy and its re-encoding; the nearest-neighbour search finds the candidates fast,
+the model inputs (already in memory, s x s pixels) confirm them. A copy that was
+re-encoded, re-compressed or slightly re-coloured passes; a crop or a shift of more
+than a pixel or two does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+#: cosine similarity (mean over the fold models) from which two images are near-duplicate
+#: candidates; a copy with a few grey levels of noise scores above 0.999, exact copies 1.0
+NEAR_SIMILARITY = 0.99
+#: mean absolute difference of the model inputs (grey levels, 0-255) up to which a candidate
+#: pair is a near-duplicate. load_digits at 32 px: a copy with +-3 levels of noise differs by
+#: 1.5; each digit's nearest other digit by 3.8 at the least (a near twin in the data), by 7.6
+#: at the 1st percentile, and two random digits of one class by 13 or more
+NEAR_PIXEL_DIFF = 5.0
+#: neighbours looked at per image: a group larger than this is still joined through its members
+NEIGHBOURS = 8
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """members: positions (sorted); similarity: float per member, its best similarity to
+    another member (1.0 for identical bytes); kind: "exact" when all bytes are identical, else "near"."""
+
+    members: tuple[int, ...]
+    similarity: tuple[float, ...]
+    kind: str
+    conflicting: bool
+
+
+def find_duplicates(
+    digests: Sequence[str],
+    embeddings: np.ndarray | None,
+    labels: Sequence[str],
+    *,
+    pixels: np.ndarray | None = None,
+    threshold: float = NEAR_SIMILARITY,
+    max_pixel_diff: float = NEAR_PIXEL_DIFF,
+    neighbours: int = NEIGHBOURS,
+) -> list[DuplicateGroup]:
+    """Groups of duplicates, conflicting groups first, then by size.
+
+    digests: n content hashes of the images' bytes (``TrainingSet.digests``);
+    embeddings: float32 (n, d) unit rows, or None (exact only);
+    labels: n given labels; pixels: uint8 (n, s, s, c), the model inputs (None: no pixel check).
+    """
+    n = len(digests)
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    best = np.zeros(n, np.float64)
+    first: dict[str, int] = {}
+    for i, d in enumerate(digests):
+        if d in first:
+            parent[root(i)] = root(first[d])
+            best[i] = best[first[d]] = 1.0
+        else:
+            first[d] = i
+    if embeddings is not None and n > 1:
+        from sklearn.neighbors import NearestNeighbors
+
+        nn = NearestNeighbors(n_neighbors=min(neighbours + 1, n), metric="cosine").fit(embeddings)
+        dist, idx = nn.kneighbors(embeddings)
+        sim = 1.0 - dist
+        for i in range(n):
+            for s, j in zip(sim[i], idx[i], strict=True):
+                if j != i and s >= threshold and (pixels is None or _pixel_diff(pixels, i, int(j)) <= max_pixel_diff):
+                    parent[root(int(j))] = root(i)
+                    best[i] = max(best[i], min(float(s), 1.0))
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(root(i), []).append(i)
+    out = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        members.sort()
+        out.append(
+            DuplicateGroup(
+                members=tuple(members),
+                similarity=tuple(float(best[i]) for i in members),
+                kind="exact" if len({digests[i] for i in members}) == 1 else "near",
+                conflicting=len({labels[i] for i in members}) > 1,
+            )
+        )
+    out.sort(key=lambda g: (not g.conflicting, -len(g.members), g.members[0]))
+    return out
+
+
+def _pixel_diff(pixels: np.ndarray, i: int, j: int) -> float:
+    """Mean absolute difference of two model inputs, in grey levels."""
+    return float(np.abs(pixels[i].astype(np.int16) - pixels[j].astype(np.int16)).mean())
