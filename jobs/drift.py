@@ -24,11 +24,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-Direction = Literal["high", "low"]
+from detectors.base import Direction
 
 #: the calibrated threshold's level (the reducer's ``calibrated`` rule default)
 LEVEL = 0.999
