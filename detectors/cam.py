@@ -32,7 +32,7 @@ from detectors.base import (
     split_validation,
 )
 from detectors.columns import COLUMNS, DEFECT_CLASS
-from detectors.defects import make_defects
+from detectors.defects import KINDS, make_defects
 from detectors.features import BACKBONES, build_backbone_extractor, preprocess_for_backbone
 from detectors.maps import smoothed_peak
 from detectors.preprocessing import ImageBatch, check_image_size, check_non_empty, to_uint8_batch
@@ -139,6 +139,7 @@ class CamDetector(BaseDetector):
         trainable_blocks: int = 1,
         anomaly_class: str | None = None,
         synthetic_defects: bool | None = None,
+        defect_kinds: Sequence[str] | None = None,
         epochs: int = 30,
         batch_size: int = 32,
         learning_rate: float = 1e-3,
@@ -155,6 +156,7 @@ class CamDetector(BaseDetector):
         self.trainable_blocks = trainable_blocks
         self.anomaly_class = anomaly_class
         self.synthetic_defects = synthetic_defects
+        self.defect_kinds = defect_kinds
         self.epochs = epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
@@ -167,13 +169,17 @@ class CamDetector(BaseDetector):
         """Train on ``images`` with ``labels`` (any hashable; None = all normal).
 
         Self-made defects are added as class ``__defect__`` when
-        ``synthetic_defects`` is True, or by default when fewer than two labels exist.
+        ``synthetic_defects`` is True, or by default when fewer than two labels exist;
+        ``defect_kinds`` picks among ``detectors.defects.KINDS`` (None: all of them).
         """
         n = check_non_empty(images)
         if labels is not None and len(labels) != n:
             raise ValueError(f"Expected one label per image. Received: {len(labels)} labels for {n} images.")
         if self.epochs < 1:
             raise ValueError(f"Expected epochs >= 1. Received: epochs={self.epochs}.")
+        kinds = tuple(self.defect_kinds) if self.defect_kinds is not None else KINDS
+        if not kinds or set(kinds) - set(KINDS):
+            raise ValueError(f"Expected defect_kinds among {list(KINDS)}. Received: defect_kinds={self.defect_kinds}.")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"Expected schedule 'constant' or 'cosine'. Received: schedule={self.schedule!r}.")
         seed_everything(self.seed)
@@ -217,7 +223,7 @@ class CamDetector(BaseDetector):
         defect = len(classes) - 1
         x_val, y_val = xb[val_idx], y[val_idx]
         if synthetic and len(val_idx):
-            x_val = np.concatenate([x_val, make_defects(x_val, rng)])
+            x_val = np.concatenate([x_val, make_defects(x_val, rng, kinds=kinds)])
             y_val = np.concatenate([y_val, np.full(len(val_idx), defect)])
         history: dict[str, list[float]] = {}
         for epoch in range(self.epochs):
@@ -225,7 +231,7 @@ class CamDetector(BaseDetector):
             if self.shift:
                 x_tr = random_shifts(x_tr, self.shift, rng)
             if synthetic:  # fresh defects every epoch: they never repeat
-                x_tr = np.concatenate([x_tr, make_defects(x_tr, rng)])
+                x_tr = np.concatenate([x_tr, make_defects(x_tr, rng, kinds=kinds)])
                 y_tr = np.concatenate([y_tr, np.full(len(train_idx), defect)])
             h = self.model_.fit(
                 self._model_input(x_tr),
