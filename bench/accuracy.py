@@ -49,7 +49,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -65,6 +65,7 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import make_pipeline
 
 from detectors import BaseDetector
+from detectors.fusion import anomaly_score
 from jobs.train import TrainConfig, fit_detectors
 
 SEED = 0
@@ -101,23 +102,27 @@ class Fitted:
     fit_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def fit_imgscan(x: np.ndarray, *, image_size: int, params: dict[str, dict[str, Any]], seed: int = SEED) -> Fitted:
+def fit_imgscan(
+    x: np.ndarray,
+    *,
+    image_size: int,
+    params: dict[str, dict[str, Any]],
+    seed: int = SEED,
+    detectors: Sequence[str] | None = None,
+) -> Fitted:
     """Fit the four detectors on normal uint8 images (n, s, s) with ``jobs.train.fit_detectors``,
     the function ``imgscan train`` uses, and its defaults (one label: the CAM learns normal vs
     self-made defects; the mixture reuses the autoencoder's encoder). ``params`` overrides
     hyper-parameters per detector, as ``imgscan train --param`` does."""
     cfg = TrainConfig(source="<bench>", out="<bench>", image_size=image_size, channels=1, seed=seed, params=params)
+    if detectors:
+        cfg = replace(cfg, detectors=tuple(detectors))
     fitted, seconds = fit_detectors(cfg, x[..., None], [None] * len(x), np.ones(len(x), bool), channels=1)
     return Fitted(fitted, seconds)
 
 
-def fused_score(fitted: Fitted, scores: dict[str, dict[str, np.ndarray]]) -> np.ndarray | None:
-    """``detectors.fusion.anomaly_score`` over the merged score columns (float64 (n,)),
-    or None while that module is not there."""
-    try:
-        from detectors.fusion import anomaly_score
-    except ImportError:
-        return None
+def fused_score(fitted: Fitted, scores: dict[str, dict[str, np.ndarray]]) -> np.ndarray:
+    """``detectors.fusion.anomaly_score`` over the merged score columns -> float64 (n,)."""
     merged = {k: v for cols in scores.values() for k, v in cols.items()}
     return np.asarray(anomaly_score(list(fitted.detectors.values()), merged), dtype=np.float64)
 
@@ -163,9 +168,7 @@ def all_scores(
     -> ({row: (scores (n,), direction)}, the detectors' raw columns)."""
     raw = {name: det.score(x_test) for name, det in fitted.detectors.items()}
     rows: dict[str, tuple[np.ndarray, str]] = {}
-    fused = fused_score(fitted, raw)
-    if fused is not None:
-        rows[FUSED] = (fused, "high")
+    rows[FUSED] = (fused_score(fitted, raw), "high")
     for name, col, direction in directed_columns(fitted):
         if np.all(np.isnan(np.asarray(raw[name][col], dtype=np.float64))):
             continue  # a column this configuration does not produce (ae_kl without a VAE)
@@ -190,7 +193,11 @@ def ordered(rows: Sequence[str]) -> list[str]:
 
 # ---------------------------------------------------------------- digits
 def digits_benchmark(
-    classes: Sequence[int], params: dict[str, dict[str, Any]], seed: int = SEED, data_seed: int = SEED
+    classes: Sequence[int],
+    params: dict[str, dict[str, Any]],
+    seed: int = SEED,
+    data_seed: int = SEED,
+    detectors: Sequence[str] | None = None,
 ) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
     from jobs.demo_data import digits
 
@@ -207,7 +214,7 @@ def digits_benchmark(
         x_train = images[is_train & (labels == d)]
         x_test, y = images[test], (labels[test] != d).astype(int)
         t0 = time.monotonic()
-        fitted = fit_imgscan(x_train, image_size=32, params=params, seed=seed)
+        fitted = fit_imgscan(x_train, image_size=32, params=params, seed=seed, detectors=detectors)
         rows, _ = all_scores(fitted, x_train, x_test)
         per_digit[d] = aurocs(rows, y)
         for k, v in fitted.fit_seconds.items():
@@ -388,6 +395,7 @@ def texture_benchmark(
     params: dict[str, dict[str, Any]],
     seed: int = SEED,
     data_seed: int = SEED,
+    detectors: Sequence[str] | None = None,
 ) -> tuple[dict[tuple[str, str], dict[str, float]], dict[tuple[str, str], dict[str, float]], dict[str, float]]:
     """-> ({(archive, kind): {row: AUROC}}, {(archive, kind): {map: share inside}}, mean fit seconds)."""
     auc: dict[tuple[str, str], dict[str, float]] = {}
@@ -396,7 +404,7 @@ def texture_benchmark(
     for a in archives:
         t0 = time.monotonic()
         ts = texture_set(a, kinds, n_train, n_test, data_seed)
-        fitted = fit_imgscan(ts.train, image_size=CROP, params=params, seed=seed)
+        fitted = fit_imgscan(ts.train, image_size=CROP, params=params, seed=seed, detectors=detectors)
         for k, v in fitted.fit_seconds.items():
             fit_times.setdefault(k, []).append(v)
         rows, raw = all_scores(fitted, ts.train, ts.test)
@@ -527,6 +535,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--defects", nargs="+", choices=DEFECTS, default=list(DEFECTS), help="defect kinds")
     p.add_argument("--train", type=int, help="training crops per archive (default 300, --quick 150)")
     p.add_argument("--test", type=int, help="normal test crops, and crops per defect kind (default 100, --quick 60)")
+    p.add_argument("--detectors", nargs="+", help="imgscan detectors to fit (default: all; fused is over these only)")
     p.add_argument("--params", default="{}", help='JSON overrides per detector, e.g. {"cam": {"epochs": 40}}')
     p.add_argument("--seed", type=int, default=SEED, help="seed of the imgscan detectors")
     p.add_argument("--data-seed", type=int, default=SEED, help="seed of the splits, crops and defects")
@@ -545,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parts = [f"Command: `PYTHONPATH=. python bench/accuracy.py {' '.join(sys.argv[1:] if argv is None else argv)}`"]
     per_digit = auc = loc = None
     if args.only in (None, "digits"):
-        per_digit, ft = digits_benchmark(classes, params, args.seed, args.data_seed)
+        per_digit, ft = digits_benchmark(classes, params, args.seed, args.data_seed, args.detectors)
         parts += [
             "",
             "### Digits, one-vs-rest (32x32, image AUROC; the means differ in the 4th decimal, so it is shown; "
@@ -556,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("\n".join(parts[-3:]), flush=True)
     if args.only in (None, "texture"):
         auc, loc, ft = texture_benchmark(
-            args.archives, args.defects, n_train, n_test, params, args.seed, args.data_seed
+            args.archives, args.defects, n_train, n_test, params, args.seed, args.data_seed, args.detectors
         )
         parts += [
             "",
