@@ -121,6 +121,21 @@ def random_shifts(images: np.ndarray, max_shift: int, rng: np.random.Generator) 
     return out
 
 
+def random_flips(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each image flipped left-right and/or upside down, each with chance 1/2.
+
+    images: uint8 (n, h, w, c) -> uint8 (n, h, w, c). With a few hundred normal
+    images the classifier can learn them by heart and call every unseen normal
+    image a defect; flips show it four versions of each, without the seams a
+    shift or a roll would add (a seam is just what a defect looks like).
+    """
+    out = images.copy()
+    lr, ud = rng.random(len(images)) < 0.5, rng.random(len(images)) < 0.5
+    out[lr] = out[lr][:, :, ::-1]
+    out[ud] = out[ud][:, ::-1]
+    return out
+
+
 class CamDetector(BaseDetector):
     """Class, probability, anomaly probability and class activation map."""
 
@@ -146,6 +161,7 @@ class CamDetector(BaseDetector):
         schedule: str = "constant",
         validation_fraction: float = 0.1,
         shift: int = 0,
+        flips: bool = False,
         seed: int = 0,
     ) -> None:
         self.input_size = input_size
@@ -163,6 +179,7 @@ class CamDetector(BaseDetector):
         self.schedule = schedule
         self.validation_fraction = validation_fraction
         self.shift = shift
+        self.flips = flips
         self.seed = seed
 
     def fit(self, images: ImageBatch, labels: Sequence[Any] | None = None, *, verbose: int = 0) -> CamDetector:
@@ -230,6 +247,8 @@ class CamDetector(BaseDetector):
             x_tr, y_tr = xb[train_idx], y[train_idx]
             if self.shift:
                 x_tr = random_shifts(x_tr, self.shift, rng)
+            if self.flips:
+                x_tr = random_flips(x_tr, rng)
             if synthetic:  # fresh defects every epoch: they never repeat
                 x_tr = np.concatenate([x_tr, make_defects(x_tr, rng, kinds=kinds)])
                 y_tr = np.concatenate([y_tr, np.full(len(train_idx), defect)])
