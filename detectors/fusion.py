@@ -169,8 +169,9 @@ def null_calibration() -> dict[str, Any]:
     """``calibration_stats`` of ``anomaly_score`` on normal images, by construction:
     -log10 of a uniform p (exact quantiles, ``CALIBRATION_SAMPLE`` of them)."""
     stats = calibration_stats(-np.log10(1.0 - np.linspace(0.0, 1.0, CALIBRATION_SAMPLE, endpoint=False)))
-    # the exact values where the sample only approximates them (the reducer's thresholds read these)
-    stats["quantiles"] = {str(q): float(-np.log10(1.0 - q)) for q in CALIBRATION_QUANTILES}
+    # the exact values where the sample only approximates them (the reducer's thresholds read
+    # these); rounded so that 0.999 gives 3.0, not 2.9999999999999996
+    stats["quantiles"] = {str(q): round(float(-np.log10(1.0 - q)), 12) for q in CALIBRATION_QUANTILES}
     # -log10(U) is exponential with mean and standard deviation 1/ln(10)
     stats.update(mean=1.0 / math.log(10), std=1.0 / math.log(10))
     stats["source"] = "by construction: -log10 of a uniform p-value"

@@ -108,7 +108,7 @@ def test_an_artifact_without_the_declaration_is_refused() -> None:
 
 
 @pytest.mark.slow
-def test_each_detector_declares_what_means_something_for_its_model(digits16: Any, tmp_path: Any) -> None:
+def test_each_detector_declares_what_means_something_for_its_model(digits16: Any, tmp_path: Any, capsys: Any) -> None:
     """The declaration follows the configuration, survives a round trip, and a bundle without it is refused."""
     from detectors import AutoencoderDetector, CamDetector, MixtureDetector, OcsvmDetector
     from jobs.bundle import BundleError, ModelBundle, check_bundle
@@ -153,3 +153,10 @@ def test_each_detector_declares_what_means_something_for_its_model(digits16: Any
     with pytest.raises(MissingDeclarationError, match="ocsvm detector was trained before"):
         old = ModelBundle.load(uri)
         old.score(images[:2])
+    from jobs.cli import main
+
+    capsys.readouterr()
+    assert main(["score", "--source", str(tmp_path / "src"), "--models", uri, "--out", str(tmp_path / "res")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "retrain the bundle" in err, err
+    assert not (tmp_path / "res").exists()  # refused before anything was written
