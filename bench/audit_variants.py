@@ -1,47 +1,44 @@
 """Which out-of-fold probabilities and which cleanlab filter find the flipped labels best.
 
-    PYTHONPATH=. python bench/audit_variants.py [--noise 0.05 0.10] [--seeds 0 1]
+    PYTHONPATH=. python bench/audit.py --seed N --keep DIR      # trains, keeps every audit
+    PYTHONPATH=. python bench/audit_variants.py DIR [DIR ...]   # seconds: no training
 
-For each noise rate and seed: the data of ``bench/audit.py`` (1,797 digits at 32 px,
-labels flipped at random, 20 planted conflicting copies), read as ``imgscan audit``
-reads it, the K folds trained once exactly as the audit trains them (Ray tasks,
-the audit's detector parameters and seed), cached under ``bench/out/audit_folds/``.
-Then, on those same fold models, every combination of
+For every audit kept by ``bench/audit.py --keep`` (``DIR/noise0.05_seed0/{src,out}``):
+the same fold models (``out/folds/fold-K``), each scoring the images it held out,
+as
 
-* probabilities: ``plain`` (one pass over the held-out image) or ``tta`` (the mean over
-  the shifted copies of ``jobs.audit.folds.TTA_SHIFTS``, the shifts the models trained with);
-* cleanlab's ``filter_by`` (``jobs.audit.issues.FILTERS``),
+* ``plain``: one pass over each held-out image;
+* ``tta``: the mean over the image and its shifted copies (``jobs.audit.folds.shifted_mean_probs``,
+  what the audit writes to ``out_of_fold.parquet``; checked to agree with it),
 
-is scored against the flipped set (precision, recall, over the original images, as
-``bench/audit.py`` does). Training dominates; the evaluation takes seconds, so a new
-variant costs no retraining. The table is printed and written to
-``bench/out/audit_variants.md``.
+each fed to cleanlab's ``find_label_issues`` with every ``filter_by`` in ``FILTERS``,
+then scored against the flipped set as ``bench/audit.py`` scores (precision and recall
+over the original images; the truth is rebuilt from the noise rate and seed). The
+table is printed and written to ``bench/out/audit_variants.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
-import pickle
+import re
 import sys
-import tempfile
 from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from bench.audit import key_of, make_set, score
-from jobs.audit.blocks import decode_blocks
-from jobs.audit.folds import FoldPlan, assign_folds, out_of_fold, run_folds
-from jobs.audit.job import AuditConfig, log
-from jobs.demo_data import write_folder
+from jobs.audit.blocks import assemble, decode_shard
 from jobs.sources import list_shards
+from jobs.storage import join, read_bytes
 
-CACHE = "bench/out/audit_folds"
 FILTERS = (
-    "prune_by_noise_rate",
+    "prune_by_noise_rate",  # cleanlab's default
     "prune_by_class",
     "both",
     "confident_learning",
@@ -51,88 +48,76 @@ FILTERS = (
 )
 
 
-def train(noise: float, seed: int) -> dict[str, Any]:
-    """Fold results and data for one (noise, seed), from the cache when present."""
-    path = os.path.join(CACHE, f"noise{noise:.2f}_seed{seed}.pkl")
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            return pickle.load(f)  # our own cache
-    data = make_set(noise, seed)
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        with tempfile.TemporaryDirectory() as root:
-            src = os.path.join(root, "src")
-            write_folder(src, data["items"])
-            cfg = AuditConfig(source=src, out=os.path.join(root, "out"), seed=seed)
-            blocks = decode_blocks(list_shards(src), cfg.image_size, src, progress=log)
-            names = [str(v) for v in blocks.labels]
-            classes = sorted(set(names))
-            labels = np.array([classes.index(v) for v in names], np.int64)
-            fold_of = assign_folds(labels, cfg.folds, cfg.seed)
-            # plain held-out probabilities from the tasks; every other variant is computed here
-            plan = FoldPlan(labels, tuple(classes), fold_of, cfg.detector_params(blocks.channels), tta=False)
-            results = run_folds(blocks, plan, progress=log)
-            images = blocks.take(np.arange(len(blocks)))
-            ids = blocks.ids
-    finally:
-        ray.shutdown()
-    out = {
-        "keys": [key_of(i) for i in ids],
-        "labels": labels,
-        "classes": classes,
-        "images": images,
-        "fold_of": fold_of,
-        "results": results,
-        "data": {k: data[k] for k in ("flipped", "pairs")},
-    }
-    os.makedirs(CACHE, exist_ok=True)
-    with open(path, "wb") as f:
-        pickle.dump(out, f)
-    return out
-
-
-def tta_probs(run: dict[str, Any]) -> np.ndarray:
-    """Out-of-fold probabilities averaged over the shifted copies: float32 (n, k)."""
+def load(run: str) -> dict[str, Any]:
+    """One kept audit: its ids, labels, folds, written probabilities, model inputs and models."""
     from detectors.cam import CamDetector
+
+    src, out = join(run, "src"), join(run, "out")
+    oof = pq.read_table(io.BytesIO(read_bytes(join(out, "out_of_fold.parquet")))).to_pylist()
+    decoded = [decode_shard(s, 32) for s in list_shards(src)]
+    ids = [i for facts, _ in decoded for i in facts.ids]
+    if ids != [r["image_id"] for r in oof]:
+        raise SystemExit(f"{run}: the source's images are not the audit's")
+    classes = sorted({r["given_label"] for r in oof})
+    folds = sorted({r["fold"] for r in oof})
+    return {
+        "keys": [key_of(i) for i in ids],
+        "labels": np.array([classes.index(r["given_label"]) for r in oof], np.int64),
+        "fold_of": np.array([r["fold"] for r in oof], np.int64),
+        "written": np.array([r["probs"] for r in oof], np.float32),
+        "images": assemble([px for _, px in decoded], max(f.channels for f, _ in decoded)),
+        "models": {
+            f: CamDetector.from_files(
+                {name: read_bytes(join(out, "folds", f"fold-{f}", name)) for name in ("model.keras", "meta.json")}
+            )
+            for f in folds
+        },
+    }
+
+
+def variants(run: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Out-of-fold probabilities of each variant: float32 (n, k)."""
     from jobs.audit.folds import shifted_mean_probs
 
-    n, k = len(run["labels"]), len(run["classes"])
-    probs = np.zeros((n, k), np.float32)
-    for r in run["results"]:
-        det = CamDetector.from_files(r.model)
-        probs[r.held] = shifted_mean_probs(det, run["images"][r.held])
-    return probs
+    out = {name: np.zeros_like(run["written"]) for name in ("plain", "tta")}
+    for f, det in run["models"].items():
+        held = np.flatnonzero(run["fold_of"] == f)
+        out["plain"][held] = det.predict_embeddings(run["images"][held])[0]
+        out["tta"][held] = shifted_mean_probs(det, run["images"][held])
+    return out
 
 
 def flagged(labels: np.ndarray, probs: np.ndarray, filter_by: str) -> np.ndarray:
     from cleanlab.filter import find_label_issues
 
     p = np.asarray(probs, np.float64)
-    p = p / p.sum(axis=1, keepdims=True)
+    p = p / p.sum(axis=1, keepdims=True)  # as jobs.audit.issues.find_issues does
     return np.asarray(find_label_issues(labels, p, filter_by=filter_by), bool)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--noise", type=float, nargs="+", default=[0.05, 0.10])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("dirs", nargs="+", help="--keep directories of bench/audit.py")
     args = ap.parse_args()
     rows = []
-    for seed in args.seeds:
-        for noise in args.noise:
-            run = train(noise, seed)
-            plain = out_of_fold(run["results"], len(run["labels"]))
-            variants = {"plain": plain, "tta": tta_probs(run)}
-            truth = {"flipped": run["data"]["flipped"], "pairs": run["data"]["pairs"]}
-            for pname, probs in variants.items():
-                acc = float((probs.argmax(1) == run["labels"]).mean())
+    for d in args.dirs:
+        for name in sorted(os.listdir(d)):
+            m = re.fullmatch(r"noise([0-9.]+)_seed(\d+)", name)
+            if not m:
+                continue
+            noise, seed = float(m.group(1)), int(m.group(2))
+            run = load(os.path.join(d, name))
+            truth = make_set(noise, seed)
+            probs = variants(run)
+            gap = float(np.abs(probs["tta"] - run["written"]).max())
+            print(f"{name}: tta vs out_of_fold.parquet, largest difference {gap:.2g}", file=sys.stderr)
+            for pname, p in probs.items():
+                acc = float((p.argmax(1) == run["labels"]).mean())
                 for fb in FILTERS:
-                    mask = flagged(run["labels"], probs, fb)
+                    mask = flagged(run["labels"], p, fb)
                     r = score({run["keys"][i] for i in np.flatnonzero(mask)}, truth)
                     rows.append((noise, seed, pname, acc, fb, r))
-                    print(f"{noise:.0%} seed {seed} {pname} {fb}: {r}", file=sys.stderr, flush=True)
+                    print(f"  {pname} {fb}: {r}", file=sys.stderr, flush=True)
     lines = [
         "| noise | seed | probabilities | oof accuracy | filter_by | flagged | precision | recall |",
         "|---|---|---|---|---|---|---|---|",

@@ -9,7 +9,7 @@ Steps::
     -> cleanlab on the out-of-fold probabilities (label issues, noise matrix)
     -> duplicates: identical bytes + near neighbours of the fold models' embeddings
     -> AUDIT_URI: label_issues.parquet, duplicates.parquet, out_of_fold.parquet,
-       summary.json, audit.html
+       summary.json, audit.html, folds/fold-K/{model.keras,meta.json}
 
 Everything wrong with the input (flags, URIs, one class, a class smaller than
 the folds, unlabelled images) is refused in one line before Ray starts.
@@ -280,6 +280,9 @@ def _audit(cfg: AuditConfig, shards: Sequence[Shard], t0: float) -> dict[str, An
         "fold_models": [fold_facts(r) for r in results],
     }
     _write_tables(cfg, result)
+    for r in results:  # the evidence behind each held-out probability, and the page's CAMs, reproducible
+        for name, data in r.model.items():
+            write_bytes(join(cfg.out, "folds", f"fold-{r.fold}", name), data, so)
     suspects, dup_cards = suspects_and_groups(
         result,
         [r.model for r in results],
