@@ -11,8 +11,7 @@ of noise, so other bytes). Then:
 * **imgscan audit**: the whole command (``python -m jobs audit --source ... --out ... --seed N``,
   default flags, Ray in-process on every core), timed from start to exit; and its CPU time:
   user + system seconds of the command's process tree (driver, Ray's daemons, the workers
-  that decode and train), read from /proc every half second (a process's last half second
-  can be missed). On a shared machine the wall time says little; the CPU time does not
+  that decode and train; ``bench/tree_cpu.py``). On a shared machine the wall time says little; the CPU time does not
   depend on the load, and ``idle 2-core estimate`` = driver CPU + (tree CPU - driver CPU) / 2
   (the driver's part is serial, the rest runs on both cores);
 * **baseline**: scikit-learn ``LogisticRegression`` on the raw pixels, out-of-fold
@@ -52,6 +51,7 @@ import pyarrow.parquet as pq
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
+from bench import tree_cpu
 from jobs.audit.issues import find_issues
 from jobs.demo_data import Sample, digits, png_bytes, samples, write_folder
 from jobs.storage import join, read_bytes
@@ -107,43 +107,13 @@ def score(flagged: set[str], data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def tree_cpu(root: int, seen: dict[int, float]) -> None:
-    """Update ``seen`` (pid -> user + system CPU seconds) with every live descendant of ``root``."""
-    tick = os.sysconf("SC_CLK_TCK")
-    children: dict[int, list[int]] = {}
-    cpu: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        pid = int(entry)
-        children.setdefault(int(fields[1]), []).append(pid)  # fields[1]: ppid
-        cpu[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    stack = [root]
-    while stack:
-        pid = stack.pop()
-        if pid in cpu:
-            seen[pid] = max(seen.get(pid, 0.0), cpu[pid])
-        stack.extend(children.get(pid, []))
-
-
 def run_audit(data: dict[str, Any], root: str, flags: list[str]) -> dict[str, Any]:
     src, out = join(root, "src"), join(root, "out")
     write_folder(src, data["items"])
     cmd = [sys.executable, "-m", "jobs", "audit", "--source", src, "--out", out, *flags]
-    t0 = time.monotonic()
-    seen: dict[int, float] = {}
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-        while proc.poll() is None:
-            tree_cpu(proc.pid, seen)
-            time.sleep(0.5)
+        proc, seconds, seen = tree_cpu.run(cmd, stdout=subprocess.PIPE, stderr=err)
         stdout = proc.stdout.read() if proc.stdout else ""
-        seconds = time.monotonic() - t0
         err.seek(0)
         stderr = err.read()
     if proc.returncode:
