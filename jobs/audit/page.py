@@ -202,7 +202,7 @@ def _suspects_section(s: Mapping[str, Any], suspects: Sequence[Suspect]) -> str:
     return (
         f"<h2>Suspected label issues ({_e(s.get('label_issues'))})</h2><p class=meta>worst first ({_e(shown)}; "
         "every one in label_issues.parquet); CAM heat maps from the fold model that never saw the image "
-        "(jet over the image)</p>"
+        "(jet over the image); its probabilities are the mean over the image and its shifted copies</p>"
         "<div class=gallery>" + "".join(cards) + "</div>"
     )
 
