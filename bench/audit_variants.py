@@ -56,7 +56,7 @@ def load(run: str) -> dict[str, Any]:
     oof = pq.read_table(io.BytesIO(read_bytes(join(out, "out_of_fold.parquet")))).to_pylist()
     decoded = [decode_shard(s, 32) for s in list_shards(src)]
     ids = [i for facts, _ in decoded for i in facts.ids]
-    if ids != [r["image_id"] for r in oof]:
+    if [key_of(i) for i in ids] != [key_of(r["image_id"]) for r in oof]:
         raise SystemExit(f"{run}: the source's images are not the audit's")
     classes = sorted({r["given_label"] for r in oof})
     folds = sorted({r["fold"] for r in oof})
