@@ -14,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Train the CAM classifier K times, each on all folds but one, so that every image of SRC gets "
         "class probabilities from a model that never saw it; find label issues with cleanlab and duplicates by "
         "content hash and embedding neighbours; write label_issues.parquet, duplicates.parquet, "
-        "out_of_fold.parquet, summary.json and audit.html under AUDIT_URI.",
+        "out_of_fold.parquet, summary.json, audit.html and the fold models (folds/fold-K/) under AUDIT_URI.",
     )
     add_source(p)
     p.add_argument("--out", required=True, metavar="AUDIT_URI", help="where the audit's files go")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import json
 import os
 from typing import Any
 
@@ -16,7 +17,6 @@ import pytest
 from PIL import Image
 
 from detectors.base import fingerprint
-from jobs.audit import AuditConfig, audit
 from jobs.audit.job import DUPLICATE_SCHEMA, ISSUE_SCHEMA, OOF_SCHEMA
 from jobs.cli import main
 from jobs.demo_data import Sample, corrupt_samples, digits, png_bytes, samples, write_folder, write_tar_shards
@@ -185,21 +185,53 @@ def test_page_renders_in_headless_chromium(local_run: dict[str, Any], screenshot
     assert ((rgb.max(axis=2) - rgb.min(axis=2)) > 60).sum() > 5000
 
 
+def test_blocks_hold_what_the_training_reader_decodes(truth: dict[str, Any], tmp_path: Any, ray_local: Any) -> None:
+    """Decode tasks (one block per shard, several shards) give the training reader's ids, labels,
+    hashes and pixels; ``take`` reads any rows, in the order asked, across blocks."""
+    from jobs.audit.blocks import decode_blocks
+
+    src = str(tmp_path / "tar")
+    write_tar_shards(src, truth["items"][:100], 30)  # 4 shards, one of them short
+    shards = list_shards(src)
+    blocks = decode_blocks(shards, SIZE, src)
+    ts = load_training_set(shards, src, SIZE, None)
+    assert len(blocks.refs) == 4 and blocks.starts.tolist() == [0, 30, 60, 90, 100]
+    assert (blocks.ids, blocks.labels, blocks.digests) == (ts.ids, ts.labels, ts.digests)
+    order = np.array([99, 0, 31, 30, 29, 64])
+    assert np.array_equal(blocks.take(order), np.stack(ts.images)[order])
+
+
+#: the S3 comparison: a small set, so the second audit costs little (the module's Ray and its
+#: warm workers are reused); every out-of-fold probability must match, not only the issues
+SMALL = ["--folds", "2", "--image-size", str(SIZE), "--epochs", "3"]
+
+
 @pytest.mark.s3
 def test_audit_over_s3_gives_the_same_issues(
-    local_run: dict[str, Any], truth: dict[str, Any], s3: dict[str, Any]
+    truth: dict[str, Any], tmp_path: Any, s3: dict[str, Any], ray_local: Any
 ) -> None:
+    pick = [s for s in truth["items"] if s.label == "zero"][:30] + [s for s in truth["items"] if s.label == "one"][:30]
+    corrupt = [s for s in truth["items"] if s.key in truth["corrupt"]]
+    items = [*pick, Sample("copy_s3", pick[0].data, "one"), *corrupt]
+    assert {s.key for s in pick} & truth["flipped"]  # the small set carries wrong labels too
     so = s3["storage_options"]
-    src, out = join(s3["root"], "src"), join(s3["root"], "audit")
-    write_folder(src, truth["items"], so)
-    summary = audit(AuditConfig(source=src, out=out, folds=3, image_size=SIZE, epochs=8, storage_options=so))
-    local = read_table(join(local_run["out"], "label_issues.parquet")).to_pylist()
-    remote = read_table(join(out, "label_issues.parquet"), so).to_pylist()
-    assert [key_of(r["image_id"]) for r in remote] == [key_of(r["image_id"]) for r in local]
-    assert [r["suggested_label"] for r in remote] == [r["suggested_label"] for r in local]
-    assert all(r["image_id"].startswith("s3://") for r in remote)
-    assert summary["n_unreadable"] == len(truth["corrupt"])
-    assert exists(join(out, "audit.html"), so)
+    runs = {}
+    for where, root, opts in (("local", str(tmp_path), {}), ("s3", s3["root"], so)):
+        src, out = join(root, "src"), join(root, "audit")
+        write_folder(src, items, opts)
+        code, _, stderr = run_cli("audit", "--source", src, "--out", out, *SMALL, "--storage-options", json.dumps(opts))
+        assert code == 0, stderr[-3000:]
+        runs[where] = {
+            name: read_table(join(out, f"{name}.parquet"), opts).to_pylist()
+            for name in ("label_issues", "out_of_fold", "duplicates")
+        } | {"summary": read_json(join(out, "summary.json"), opts), "page": exists(join(out, "audit.html"), opts)}
+    local, remote = runs["local"], runs["s3"]
+    assert all(r["image_id"].startswith("s3://") for r in remote["out_of_fold"])
+    for name in ("label_issues", "out_of_fold", "duplicates"):
+        strip = [{**r, "image_id": key_of(r["image_id"])} for r in local[name]]
+        assert [{**r, "image_id": key_of(r["image_id"])} for r in remote[name]] == strip, name
+    assert local["label_issues"] and local["duplicates"]  # something to compare
+    assert remote["summary"]["n_unreadable"] == len(truth["corrupt"]) and remote["page"]
 
 
 # -- refusals: one line, before anything trains ---------------------------------------------------

@@ -17,7 +17,7 @@ than a pixel or two does not.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +32,8 @@ NEAR_SIMILARITY = 0.99
 NEAR_PIXEL_DIFF = 5.0
 #: neighbours looked at per image: a group larger than this is still joined through its members
 NEIGHBOURS = 8
+#: candidate pairs whose pixels are fetched at once (bounds the driver's memory: 2 images a pair)
+PAIR_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ def find_duplicates(
     embeddings: np.ndarray | None,
     labels: Sequence[str],
     *,
-    pixels: np.ndarray | None = None,
+    take: Callable[[np.ndarray], np.ndarray] | None = None,
     threshold: float = NEAR_SIMILARITY,
     max_pixel_diff: float = NEAR_PIXEL_DIFF,
     neighbours: int = NEIGHBOURS,
@@ -59,7 +61,9 @@ def find_duplicates(
 
     digests: n content hashes of the images' bytes (``TrainingSet.digests``);
     embeddings: float32 (n, d) unit rows, or None (exact only);
-    labels: n given labels; pixels: uint8 (n, s, s, c), the model inputs (None: no pixel check).
+    labels: n given labels; take: positions int64 (m,) -> their model inputs uint8 (m, s, s, c)
+    (``ImageBlocks.take``; None: no pixel check). Only the candidate pairs' pixels are asked
+    for, ``PAIR_CHUNK`` pairs at a time.
     """
     n = len(digests)
     parent = list(range(n))
@@ -84,11 +88,15 @@ def find_duplicates(
         nn = NearestNeighbors(n_neighbors=min(neighbours + 1, n), metric="cosine").fit(embeddings)
         dist, idx = nn.kneighbors(embeddings)
         sim = 1.0 - dist
-        for i in range(n):
-            for s, j in zip(sim[i], idx[i], strict=True):
-                if j != i and s >= threshold and (pixels is None or _pixel_diff(pixels, i, int(j)) <= max_pixel_diff):
-                    parent[root(int(j))] = root(i)
-                    best[i] = max(best[i], min(float(s), 1.0))
+        rows, cols = np.nonzero((sim >= threshold) & (idx != np.arange(n)[:, None]))
+        pairs = [(int(i), int(idx[i, c]), float(sim[i, c])) for i, c in zip(rows, cols, strict=True)]
+        for start in range(0, len(pairs), PAIR_CHUNK):
+            chunk = pairs[start : start + PAIR_CHUNK]
+            diffs = _pixel_diffs(take, chunk) if take is not None else np.zeros(len(chunk))
+            for (i, j, s), d in zip(chunk, diffs, strict=True):
+                if d <= max_pixel_diff:
+                    parent[root(j)] = root(i)
+                    best[i] = max(best[i], min(s, 1.0))
     groups: dict[int, list[int]] = {}
     for i in range(n):
         groups.setdefault(root(i), []).append(i)
@@ -109,6 +117,9 @@ def find_duplicates(
     return out
 
 
-def _pixel_diff(pixels: np.ndarray, i: int, j: int) -> float:
-    """Mean absolute difference of two model inputs, in grey levels."""
-    return float(np.abs(pixels[i].astype(np.int16) - pixels[j].astype(np.int16)).mean())
+def _pixel_diffs(take: Callable[[np.ndarray], np.ndarray], pairs: Sequence[tuple[int, int, float]]) -> np.ndarray:
+    """Mean absolute difference of each pair's model inputs, in grey levels: float64 (len(pairs),)."""
+    wanted = np.unique([p for i, j, _ in pairs for p in (i, j)])
+    pixels = take(wanted).astype(np.int16)
+    row = {int(p): r for r, p in enumerate(wanted)}
+    return np.array([np.abs(pixels[row[i]] - pixels[row[j]]).mean() for i, j, _ in pairs], np.float64)

@@ -19,13 +19,34 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class FoldPlan:
+    """What every fold task shares (one copy in the object store).
+
+    labels: int64 (n,) indices into ``classes``, in block order; fold_of: int64 (n,) in
+    [0, K); params: CamDetector keyword arguments; tta: held-out probabilities averaged
+    over shifted copies (``shifted_mean_probs``) instead of one pass.
+    """
+
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    fold_of: np.ndarray
+    params: Mapping[str, Any]
+    tta: bool = True
+
+    @property
+    def folds(self) -> int:
+        return int(self.fold_of.max()) + 1
+
+
+@dataclass(frozen=True)
 class FoldResult:
     """What one fold hands back to the driver.
 
     held: int64 (m,), positions of the images the fold's model never saw;
     probs: float32 (m, k), its class probabilities for them (columns in the order of ``classes``);
     embeddings: float16 (n, d), unit-length ``cam_gap`` vectors of EVERY image (for duplicates);
-    model: the fitted detector's files (``CamDetector.to_files``), for the CAM maps of the page.
+    model: the fitted detector's files (``CamDetector.to_files``), for the CAM maps of the page;
+    seconds / cpu_seconds: wall time and CPU time (every thread of the task's process) of the fold.
     """
 
     fold: int
@@ -34,6 +55,7 @@ class FoldResult:
     embeddings: np.ndarray
     model: dict[str, bytes]
     seconds: float
+    cpu_seconds: float
 
 
 def assign_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -52,32 +74,51 @@ def assign_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return fold_of
 
 
-def train_fold(
-    images: np.ndarray,
-    labels: np.ndarray,
-    classes: Sequence[str],
-    fold_of: np.ndarray,
-    fold: int,
-    params: Mapping[str, Any],
-) -> FoldResult:
+def train_fold(images: np.ndarray, plan: FoldPlan, fold: int) -> FoldResult:
     """Fit a CamDetector on the images whose fold is not ``fold``; score the rest.
 
-    images: uint8 (n, s, s, c); labels: int (n,) indices into ``classes``;
-    fold_of: int (n,); params: CamDetector keyword arguments.
+    images: uint8 (n, s, s, c), in the order of ``plan.labels``.
     """
     from detectors.cam import CamDetector
 
-    t0 = time.monotonic()
-    train = np.flatnonzero(fold_of != fold)
-    held = np.flatnonzero(fold_of == fold)
-    names = [classes[i] for i in labels[train]]
-    det = CamDetector(**params).fit(images[train], names)
-    if list(det.classes_) != list(classes):  # every class is in every training set (stratified, >= K per class)
-        raise RuntimeError(f"Internal error: fold {fold} learned classes {det.classes_}, expected {list(classes)}.")
+    t0, c0 = time.monotonic(), time.process_time()
+    train = np.flatnonzero(plan.fold_of != fold)
+    held = np.flatnonzero(plan.fold_of == fold)
+    names = [plan.classes[i] for i in plan.labels[train]]
+    det = CamDetector(**plan.params).fit(images[train], names)
+    if list(det.classes_) != list(plan.classes):  # every class is in every training set (stratified, >= K per class)
+        raise RuntimeError(f"Internal error: fold {fold} learned {det.classes_}, expected {list(plan.classes)}.")
     probs, embeddings = det.predict_embeddings(images)
+    held_probs = shifted_mean_probs(det, images[held]) if plan.tta else probs[held]
     norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
     unit = (embeddings / np.maximum(norms, 1e-12)).astype(np.float16)
-    return FoldResult(fold, held, probs[held], unit, det.to_files(), time.monotonic() - t0)
+    return FoldResult(fold, held, held_probs, unit, det.to_files(), time.monotonic() - t0, time.process_time() - c0)
+
+
+def shift(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """uint8 (n, h, w, c) moved by (dy, dx) pixels, zero-filled: uint8 (n, h, w, c)."""
+    _, h, w, _ = images.shape
+    out = np.zeros_like(images)
+    out[:, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = images[
+        :, max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
+    return out
+
+
+def shifted_mean_probs(det: Any, images: np.ndarray) -> np.ndarray:
+    """Class probabilities averaged over the image and its 8 copies moved by the model's
+    training ``shift`` in every direction: float32 (n, k) for uint8 images (n, s, s, c).
+
+    Test-time augmentation: the models learned that a label does not depend on where the
+    digit sits, so every shifted copy is a fair second opinion, and their mean is a steadier
+    estimate than one pass (see bench/audit_variants.py).
+    """
+    s = int(det.shift)
+    offsets = [(0, 0)] if s == 0 else [(dy, dx) for dy in (-s, 0, s) for dx in (-s, 0, s)]
+    total = np.zeros((len(images), len(det.classes_)), np.float64)
+    for dy, dx in offsets:
+        total += det.predict_embeddings(shift(images, dy, dx))[0]
+    return (total / len(offsets)).astype(np.float32)
 
 
 def fold_facts(result: FoldResult) -> dict[str, Any]:
@@ -93,21 +134,18 @@ def fold_facts(result: FoldResult) -> dict[str, Any]:
         "n_held_out": len(result.held),
         "train_fingerprint": meta["fingerprint"],
         "seconds": round(result.seconds, 1),
+        "cpu_seconds": round(result.cpu_seconds, 1),
     }
 
 
-def _fold_task(
-    images: np.ndarray,
-    labels: np.ndarray,
-    classes: Sequence[str],
-    fold_of: np.ndarray,
-    fold: int,
-    params: Mapping[str, Any],
-    threads: int,
-) -> FoldResult:
-    """Ray task body: size TensorFlow to the task's CPU share, then ``train_fold``."""
+def _fold_task(plan: FoldPlan, blocks: list[Any], channels: int, fold: int, threads: int) -> FoldResult:
+    """Ray task body: size TensorFlow to the task's CPU share, read the image blocks
+    (``jobs.audit.blocks``: ObjectRefs), then ``train_fold``."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import ray
     import tensorflow as tf
+
+    from jobs.audit.blocks import assemble
 
     # Thread pools can be set only before TensorFlow runs anything in this worker;
     # a reused worker keeps its first setting (same value: nothing lost).
@@ -121,7 +159,7 @@ def _fold_task(
     # same data + same seed -> the same audit on any store and any worker (a test compares
     # an S3 run with a local one); costs little on a CNN this small
     tf.config.experimental.enable_op_determinism()
-    return train_fold(images, labels, classes, fold_of, fold, params)
+    return train_fold(assemble(ray.get(blocks), channels), plan, fold)
 
 
 def fold_resources(cluster_cpus: float, folds: int, gpus_per_fold: float) -> tuple[float, int]:
@@ -139,28 +177,27 @@ def fold_resources(cluster_cpus: float, folds: int, gpus_per_fold: float) -> tup
 
 
 def run_folds(
-    images: np.ndarray,
-    labels: np.ndarray,
-    classes: Sequence[str],
-    fold_of: np.ndarray,
-    params: Mapping[str, Any],
+    blocks: Any,
+    plan: FoldPlan,
     *,
     gpus_per_fold: float = 0.0,
     progress: Callable[[str], None] | None = None,
 ) -> list[FoldResult]:
     """Train the folds as parallel Ray tasks (needs a connected Ray); results in fold order.
 
-    The images go to the object store once and every task reads the same copy.
+    blocks: ``jobs.audit.blocks.ImageBlocks``; the pixels go from the object store to the
+    tasks, never through the driver.
     """
     import ray
 
-    folds = int(fold_of.max()) + 1
+    folds = plan.folds
     cpus, threads = fold_resources(float(ray.cluster_resources().get("CPU", 1.0)), folds, gpus_per_fold)
     task = ray.remote(num_cpus=cpus, num_gpus=gpus_per_fold, max_retries=1)(_fold_task)
-    refs = [ray.put(a) for a in (images, labels, fold_of)]
+    plan_ref = ray.put(plan)
     if progress:
         progress(f"training {folds} folds as Ray tasks ({cpus:g} CPU, {gpus_per_fold:g} GPU, {threads} thread(s) each)")
-    pending = {task.remote(refs[0], refs[1], list(classes), refs[2], f, dict(params), threads): f for f in range(folds)}
+    refs = list(blocks.refs)  # inside a list: passed as references, read by the task itself
+    pending = {task.remote(plan_ref, refs, blocks.channels, f, threads): f for f in range(folds)}
     results: dict[int, FoldResult] = {}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -168,7 +205,9 @@ def run_folds(
         del pending[done[0]]
         results[res.fold] = res
         if progress:
-            progress(f"fold {res.fold} done in {res.seconds:.0f}s ({len(results)}/{folds})")
+            progress(
+                f"fold {res.fold} done in {res.seconds:.0f}s, {res.cpu_seconds:.0f} CPU-s ({len(results)}/{folds})"
+            )
     return [results[f] for f in range(folds)]
 
 

@@ -2,13 +2,14 @@
 
 Steps::
 
-    source (any labelled source, any fsspec URI) -> decode + resize on the driver
+    source (any labelled source, any fsspec URI) -> decode + resize, a Ray task per shard
+       (pixel blocks stay in the object store; the driver keeps ids, labels, hashes)
     -> K stratified folds -> K CamDetector fits as parallel Ray tasks
        (each scores the fold it never saw; embeds every image)
     -> cleanlab on the out-of-fold probabilities (label issues, noise matrix)
     -> duplicates: identical bytes + near neighbours of the fold models' embeddings
     -> AUDIT_URI: label_issues.parquet, duplicates.parquet, out_of_fold.parquet,
-       summary.json, audit.html
+       summary.json, audit.html, folds/fold-K/{model.keras,meta.json}
 
 Everything wrong with the input (flags, URIs, one class, a class smaller than
 the folds, unlabelled images) is refused in one line before Ray starts.
@@ -32,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.audit.result import AuditResult
 from jobs.ray_setup import check_gpus, connect, local_gpus
 from jobs.sources import Shard, list_shards
 from jobs.storage import filesystem, join, write_bytes, write_json
@@ -192,67 +194,69 @@ def check_manifest(shards: Sequence[Shard], folds: int, source: str) -> None:
 
 def audit(cfg: AuditConfig) -> dict[str, Any]:
     """Run the audit; returns summary.json's content (also written under ``cfg.out``)."""
-    from jobs.audit.duplicates import find_duplicates
-    from jobs.audit.folds import assign_folds, fold_facts, joint_embeddings, out_of_fold, run_folds
-    from jobs.audit.issues import find_issues, issues_per_class
-    from jobs.train import load_training_set
+    import ray
 
     t0 = time.monotonic()
-    so = cfg.storage_options
-    shards = list_shards(cfg.source, so)
+    shards = list_shards(cfg.source, cfg.storage_options)
     check_manifest(shards, cfg.folds, cfg.source)
     if cfg.gpus_per_fold > 0 and cfg.ray_address is None and not local_gpus():
         raise ValueError(
             f"--gpus-per-fold {cfg.gpus_per_fold:g} needs GPUs, but this machine has none. "
             "Drop the flag to train on CPU, or pass --address of a cluster with GPU nodes."
         )
-    ts = load_training_set(shards, cfg.source, cfg.image_size, None, so, progress=log)
-    check_labels(ts.labels, ts.ids, cfg.folds, cfg.source)
-    names = [str(lbl) for lbl in ts.labels]
-    classes = sorted(set(names))
-    labels = np.array([classes.index(v) for v in names], np.int64)
-    images = np.stack(ts.images)
-    fold_of = assign_folds(labels, cfg.folds, cfg.seed)
-    log(
-        f"{len(images)} images in {len(classes)} classes ({len(ts.skipped)} unreadable, left out), "
-        f"{cfg.image_size}px x {ts.channels} channel(s), {cfg.folds} folds x {cfg.epochs} epochs"
-    )
-
-    import ray
-
     started = connect(cfg.ray_address, cfg.num_cpus)
     try:
         check_gpus("--gpus-per-fold", cfg.gpus_per_fold, cfg.ray_address)
+        # the pixels stay in Ray's object store until the job ends: the fold tasks train on
+        # them, and the duplicate check and the page read the few rows they need
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the summary line
-            results = run_folds(
-                images,
-                labels,
-                classes,
-                fold_of,
-                cfg.detector_params(ts.channels),
-                gpus_per_fold=cfg.gpus_per_fold,
-                progress=log,
-            )
+            summary = _audit(cfg, shards, t0)
     finally:
         if started:
             ray.shutdown()
+    log(f"wrote {cfg.out}")
+    return summary
 
-    probs = out_of_fold(results, len(images))
+
+def _audit(cfg: AuditConfig, shards: Sequence[Shard], t0: float) -> dict[str, Any]:
+    from jobs.audit.blocks import decode_blocks
+    from jobs.audit.duplicates import find_duplicates
+    from jobs.audit.folds import FoldPlan, assign_folds, fold_facts, joint_embeddings, out_of_fold, run_folds
+    from jobs.audit.issues import find_issues, issues_per_class
+    from jobs.audit.page import render_page, suspects_and_groups
+    from jobs.audit.result import AuditResult
+
+    so = cfg.storage_options
+    blocks = decode_blocks(shards, cfg.image_size, cfg.source, so, progress=log)
+    check_labels(blocks.labels, blocks.ids, cfg.folds, cfg.source)
+    names = [str(lbl) for lbl in blocks.labels]
+    classes = sorted(set(names))
+    labels = np.array([classes.index(v) for v in names], np.int64)
+    fold_of = assign_folds(labels, cfg.folds, cfg.seed)
+    log(
+        f"{len(blocks)} images in {len(classes)} classes ({len(blocks.skipped)} unreadable, left out), "
+        f"{cfg.image_size}px x {blocks.channels} channel(s), {cfg.folds} folds x {cfg.epochs} epochs"
+    )
+    plan = FoldPlan(labels, tuple(classes), fold_of, cfg.detector_params(blocks.channels))
+    results = run_folds(blocks, plan, gpus_per_fold=cfg.gpus_per_fold, progress=log)
+
+    probs = out_of_fold(results, len(blocks))
     found = find_issues(labels, probs)
     oof_accuracy = float((probs.argmax(axis=1) == labels).mean())
     log(f"out-of-fold accuracy {oof_accuracy:.4f}; cleanlab finds {int(found.is_issue.sum())} label issues")
-    groups = find_duplicates(ts.digests, joint_embeddings(results), names, pixels=images)
+    groups = find_duplicates(blocks.digests, joint_embeddings(results), names, take=blocks.take)
     conflicting = sum(g.conflicting for g in groups)
     log(f"{len(groups)} duplicate groups ({conflicting} with conflicting labels)")
+    result = AuditResult(blocks.ids, names, classes, labels, fold_of, probs, found, groups)
 
     summary = {
         "source": cfg.source,
         "out": cfg.out,
-        "images": len(images),
+        "images": len(blocks),
         "classes": classes,
         "folds": cfg.folds,
         "image_size": cfg.image_size,
-        "channels": ts.channels,
+        "channels": blocks.channels,
         "epochs": cfg.epochs,
         "seed": cfg.seed,
         "oof_accuracy": round(oof_accuracy, 6),
@@ -271,32 +275,26 @@ def audit(cfg: AuditConfig) -> dict[str, Any]:
             "near_groups": sum(g.kind == "near" for g in groups),
             "images": sum(len(g.members) for g in groups),
         },
-        "unreadable": ts.skipped,
-        "n_unreadable": len(ts.skipped),
+        "unreadable": blocks.skipped,
+        "n_unreadable": len(blocks.skipped),
         "fold_models": [fold_facts(r) for r in results],
     }
-    _write_tables(cfg, ts.ids, names, classes, labels, fold_of, probs, found, groups)
-    from jobs.audit.page import render_page, suspects_and_groups
-
+    _write_tables(cfg, result)
+    for r in results:  # the evidence behind each held-out probability, and the page's CAMs, reproducible
+        for name, data in r.model.items():
+            write_bytes(join(cfg.out, "folds", f"fold-{r.fold}", name), data, so)
     suspects, dup_cards = suspects_and_groups(
-        results,
-        images,
-        ts.ids,
-        names,
-        classes,
-        labels,
-        fold_of,
-        probs,
-        found,
-        groups,
+        result,
+        [r.model for r in results],
+        blocks.take,
         storage_options=so,
         max_suspects=PAGE_SUSPECTS,
         max_groups=PAGE_GROUPS,
     )
     summary["seconds"] = round(time.monotonic() - t0, 1)
+    summary["driver_cpu_seconds"] = round(time.process_time(), 1)
     write_bytes(join(cfg.out, "audit.html"), render_page(summary, suspects, dup_cards).encode("utf-8"), so)
     write_json(join(cfg.out, "summary.json"), summary, so)
-    log(f"wrote {cfg.out}")
     return summary
 
 
@@ -311,35 +309,26 @@ def summary_line(summary: dict[str, Any]) -> str:
     )
 
 
-def _write_tables(
-    cfg: AuditConfig,
-    ids: Sequence[str],
-    names: Sequence[str],
-    classes: Sequence[str],
-    labels: np.ndarray,
-    fold_of: np.ndarray,
-    probs: np.ndarray,
-    found: Any,
-    groups: Sequence[Any],
-) -> None:
+def _write_tables(cfg: AuditConfig, result: AuditResult) -> None:
     so = cfg.storage_options
+    found, ids, names, probs = result.found, result.ids, result.names, result.probs
     r = found.ranked
     issues = pa.table(
         {
             "image_id": [ids[i] for i in r],
             "given_label": [names[i] for i in r],
-            "suggested_label": [classes[found.suggested[i]] for i in r],
+            "suggested_label": [result.classes[found.suggested[i]] for i in r],
             "label_quality": found.quality[r],
             "rank": np.arange(1, len(r) + 1, dtype=np.int64),
-            "p_given": probs[r, labels[r]],
+            "p_given": probs[r, result.labels[r]],
             "p_suggested": probs[r, found.suggested[r]],
-            "fold": fold_of[r],
+            "fold": result.fold_of[r],
         },
         schema=ISSUE_SCHEMA,
     )
     rows = [
         (g, i, s, grp.kind, grp.conflicting)
-        for g, grp in enumerate(groups)
+        for g, grp in enumerate(result.groups)
         for i, s in zip(grp.members, grp.similarity, strict=True)
     ]
     dups = pa.table(
@@ -357,7 +346,7 @@ def _write_tables(
         {
             "image_id": list(ids),
             "given_label": list(names),
-            "fold": fold_of,
+            "fold": result.fold_of,
             "label_quality": found.quality,
             "is_issue": found.is_issue,
             "probs": list(probs.astype(np.float32)),

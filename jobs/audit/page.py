@@ -11,12 +11,13 @@ escaped.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from jobs.audit.result import AuditResult
 from jobs.fetch import fetch_images
 from jobs.report import _CSS, _display, _e, _figure, _missing, _table, cam_overlay
 from jobs.storage import StorageOptions
@@ -56,16 +57,9 @@ class Member:
 
 
 def suspects_and_groups(
-    results: Sequence[Any],
-    images: np.ndarray,
-    ids: Sequence[str],
-    names: Sequence[str],
-    classes: Sequence[str],
-    labels: np.ndarray,
-    fold_of: np.ndarray,
-    probs: np.ndarray,
-    found: Any,
-    groups: Sequence[Any],
+    result: AuditResult,
+    models: Sequence[Mapping[str, bytes]],
+    take: Callable[[np.ndarray], np.ndarray],
     *,
     storage_options: StorageOptions | None = None,
     max_suspects: int,
@@ -74,44 +68,47 @@ def suspects_and_groups(
     """What the page shows: the first ``max_suspects`` issues (CAMs from the fold model that
     held each out) and the first ``max_groups`` conflicting duplicate groups (kind, members).
 
-    images: uint8 (n, s, s, c) model inputs; probs: float32 (n, k) out-of-fold.
+    models: each fold's model files, by fold; take: positions int64 (m,) -> model inputs
+    uint8 (m, s, s, c) (``ImageBlocks.take``): only the images shown are read.
     """
     from detectors.cam import CamDetector
 
-    top = [int(i) for i in found.ranked[:max_suspects]]
-    shown_groups = [g for g in groups if g.conflicting][:max_groups]
-    wanted = top + [i for g in shown_groups for i in g.members]
-    fetched = fetch_images([ids[i] for i in wanted], storage_options)
+    r = result
+    top = [int(i) for i in r.found.ranked[:max_suspects]]
+    shown_groups = [g for g in r.groups if g.conflicting][:max_groups]
+    wanted = list(dict.fromkeys(top + [i for g in shown_groups for i in g.members]))
+    inputs = dict(zip(wanted, take(np.array(wanted, np.int64)), strict=True))
+    fetched = fetch_images([r.ids[i] for i in wanted], storage_options)
 
     def picture(i: int) -> tuple[np.ndarray, str]:
-        f = fetched.get(ids[i])
+        f = fetched.get(r.ids[i])
         if f is not None and f.pixels is not None:
             return f.pixels, ""
         why = f.error if f is not None else "not fetched"
-        return images[i], f"original not available ({why}); the model input is shown"
+        return inputs[i], f"original not available ({why}); the model input is shown"
 
     cams: dict[int, np.ndarray] = {}  # position -> float32 (h', w', k)
-    for fold in sorted({int(fold_of[i]) for i in top}):
-        members = [i for i in top if fold_of[i] == fold]
-        det = CamDetector.from_files(results[fold].model)
-        _, maps = det.predict_maps(images[members])
+    for fold in sorted({int(r.fold_of[i]) for i in top}):
+        members = [i for i in top if r.fold_of[i] == fold]
+        det = CamDetector.from_files(models[fold])
+        _, maps = det.predict_maps(np.stack([inputs[i] for i in members]))
         cams.update(zip(members, maps, strict=True))
     suspects = []
     for rank, i in enumerate(top, start=1):
-        s = int(found.suggested[i])
-        order = np.argsort(-probs[i])[:TOP_PROBS]
+        s = int(r.found.suggested[i])
+        order = np.argsort(-r.probs[i])[:TOP_PROBS]
         pixels, note = picture(i)
         suspects.append(
             Suspect(
                 rank=rank,
-                image_id=ids[i],
-                given=names[i],
-                suggested=classes[s],
-                quality=float(found.quality[i]),
-                fold=int(fold_of[i]),
-                top=tuple((classes[j], float(probs[i, j])) for j in order),
+                image_id=r.ids[i],
+                given=r.names[i],
+                suggested=r.classes[s],
+                quality=float(r.found.quality[i]),
+                fold=int(r.fold_of[i]),
+                top=tuple((r.classes[j], float(r.probs[i, j])) for j in order),
                 pixels=pixels,
-                cam_given=cams[i][:, :, labels[i]].ravel(),
+                cam_given=cams[i][:, :, r.labels[i]].ravel(),
                 cam_suggested=cams[i][:, :, s].ravel(),
                 note=note,
             )
@@ -121,7 +118,7 @@ def suspects_and_groups(
         shown: list[Member] = []
         for i, sim in zip(g.members, g.similarity, strict=True):
             pixels, note = picture(i)
-            shown.append(Member(ids[i], names[i], sim, classes[int(probs[i].argmax())], pixels, note))
+            shown.append(Member(r.ids[i], r.names[i], sim, r.classes[int(r.probs[i].argmax())], pixels, note))
         cards.append((g.kind, shown))
     return suspects, cards
 
@@ -205,7 +202,7 @@ def _suspects_section(s: Mapping[str, Any], suspects: Sequence[Suspect]) -> str:
     return (
         f"<h2>Suspected label issues ({_e(s.get('label_issues'))})</h2><p class=meta>worst first ({_e(shown)}; "
         "every one in label_issues.parquet); CAM heat maps from the fold model that never saw the image "
-        "(jet over the image)</p>"
+        "(jet over the image); its probabilities are the mean over the image and its shifted copies</p>"
         "<div class=gallery>" + "".join(cards) + "</div>"
     )
 
