@@ -5,8 +5,11 @@
 1. Generates ``--images`` camera-size JPEGs (quality 90, 4:3) as WebDataset tar shards on
    local disk: random crops of the photos that ship with scikit-image (astronaut, coffee,
    chelsea, rocket), upscaled to 2, 6, 12 and 24 megapixels in turn, with noise. One in
-   ten is a defect: a patch of another of the photos pasted in (CutPaste-style, as
-   ``detectors/defects.py``), labelled ``defect``; the others are ``normal``.
+   ten is a defect, labelled ``defect`` (the others ``normal``), of two kinds in turn: a
+   crop of a photo of another kind (scikit-image's hubble_deep_field,
+   immunohistochemistry, retina: out of distribution as a whole), or a large patch
+   (35-55% of each side) of such a photo pasted into a normal crop. Both are visible at
+   64 px, so that the score agreement below compares scores that rank something.
 2. Trains the full bundle (autoencoder, mixture, CAM, OCSVM) at 64 px RGB on other normal
    crops of the same photos.
 3. Measures, on one core each unless said:
@@ -47,14 +50,17 @@ from throughput import run_job  # (the same job runner and PSS sampler as the 64
 SIZE = 64
 MEGAPIXELS = (2, 6, 12, 24)
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+#: photos of other kinds, never seen in training: the defects are made of them
+OTHER_PHOTOS = ("hubble_deep_field", "immunohistochemistry", "retina")
 PER_SHARD = 40
 DEFECT_EVERY = 10
 
 
-def _photos() -> list[np.ndarray]:
+def _photos(names: tuple[str, ...] = PHOTOS) -> list[np.ndarray]:
+    """The named scikit-image photos (shipped with the package, no download): uint8 (h, w, 3)."""
     from skimage import data
 
-    return [np.asarray(getattr(data, name)(), dtype=np.uint8) for name in PHOTOS]
+    return [np.asarray(getattr(data, name)(), dtype=np.uint8) for name in names]
 
 
 def _crop(rng: np.random.Generator, photos: list[np.ndarray]) -> np.ndarray:
@@ -67,31 +73,39 @@ def _crop(rng: np.random.Generator, photos: list[np.ndarray]) -> np.ndarray:
     return src[y : y + ch, x : x + cw]
 
 
-def _paste_defect(img: np.ndarray, rng: np.random.Generator, photos: list[np.ndarray]) -> np.ndarray:
-    """A patch of another photo (10-25% of each side), brightness changed, pasted at random."""
-    out = img.copy()
-    h, w = img.shape[:2]
-    ph, pw = int(h * rng.uniform(0.1, 0.25)), int(w * rng.uniform(0.1, 0.25))
-    other = _crop(rng, photos)
+def _paste_defect(img: np.ndarray, rng: np.random.Generator, others: list[np.ndarray]) -> np.ndarray:
+    """A patch of a photo of another kind (35-55% of each side), pasted at random."""
     from PIL import Image
 
-    patch = np.asarray(Image.fromarray(other).resize((pw, ph))).astype(np.float32)
-    patch = np.clip(patch * rng.uniform(0.7, 1.3) + rng.uniform(-30, 30), 0, 255).astype(np.uint8)
+    out = img.copy()
+    h, w = img.shape[:2]
+    ph, pw = int(h * rng.uniform(0.35, 0.55)), int(w * rng.uniform(0.35, 0.55))
+    patch = np.asarray(Image.fromarray(_crop(rng, others)).resize((pw, ph)))
     y, x = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
     out[y : y + ph, x : x + pw] = patch
     return out
 
 
-def _camera_jpeg(args: tuple[int, int, bool]) -> bytes:
-    """(seed, megapixels, defect) -> the bytes of one 4:3 JPEG of that size, quality 90."""
+def _source_image(seed: int, defect: str) -> np.ndarray:
+    """The picture of one archive image before upscaling: uint8 (h, w, 3). ``defect``: ""
+    (a normal crop), "other" (a crop of another kind of photo) or "patch" (a normal crop
+    with a large patch of one)."""
+    rng = np.random.default_rng(seed)
+    if not defect:
+        return _crop(rng, _photos())
+    others = _photos(OTHER_PHOTOS)
+    if defect == "other":
+        return _crop(rng, others)
+    return _paste_defect(_crop(rng, _photos()), rng, others)
+
+
+def _camera_jpeg(args: tuple[int, int, str]) -> bytes:
+    """(seed, megapixels, defect kind or "") -> the bytes of one 4:3 JPEG of that size, quality 90."""
     from PIL import Image
 
     seed, mp, defect = args
-    rng = np.random.default_rng(seed)
-    photos = _photos()
-    img = _crop(rng, photos)
-    if defect:
-        img = _paste_defect(img, rng, photos)
+    img = _source_image(seed, defect)
+    rng = np.random.default_rng(seed + 1)
     width = round((mp * 1e6 * 4 / 3) ** 0.5)
     height = width * 3 // 4
     big = np.asarray(Image.fromarray(img).resize((width, height), Image.Resampling.BILINEAR))
@@ -106,13 +120,20 @@ def _camera_jpeg(args: tuple[int, int, bool]) -> bytes:
     return buf.getvalue()
 
 
+def _defect_kind(i: int) -> str:
+    """The i-th image's defect: one in DEFECT_EVERY, "other" and "patch" in turn; "" for normal."""
+    if i % DEFECT_EVERY != 3:
+        return ""
+    return "other" if (i // DEFECT_EVERY) % 2 else "patch"
+
+
 def make_archive(root: Path, n: int, seed: int = 0) -> Path:
     """``root/photos-<n>/shard-*.tar``: ``KEY.jpg`` + ``KEY.cls`` ("normal" or "defect")."""
     out = root / f"photos-{n}"
     if (out / "done").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(seed * 1_000_003 + i, MEGAPIXELS[i % len(MEGAPIXELS)], i % DEFECT_EVERY == 3) for i in range(n)]
+    jobs = [(seed * 1_000_003 + i, MEGAPIXELS[i % len(MEGAPIXELS)], _defect_kind(i)) for i in range(n)]
     with Pool(os.cpu_count() or 1) as pool:
         for s, start in enumerate(range(0, n, PER_SHARD)):
             chunk = jobs[start : start + PER_SHARD]

@@ -6,9 +6,11 @@ import logging
 import os
 
 
-def connect(address: str | None, num_cpus: int | None = None) -> bool:
+def connect(address: str | None, num_cpus: int | None = None, object_store_memory: int | None = None) -> bool:
     """Join the cluster at ``address`` or start Ray in this process (``num_cpus``, default
-    every core). True when this call started Ray (and the caller must stop it)."""
+    every core; ``object_store_memory`` bytes of shared memory for objects, default Ray's
+    30% of RAM; both ignored when joining a cluster, which has its own). True when this
+    call started Ray (and the caller must stop it)."""
     import ray
 
     if ray.is_initialized():  # an embedding program (tests, a notebook) owns Ray
@@ -17,6 +19,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
         ray.init(
             address="local",  # never attach to some other Ray found on this machine
             num_cpus=num_cpus or os.cpu_count() or 1,
+            object_store_memory=object_store_memory,
             include_dashboard=False,
             logging_level=logging.WARNING,
             # workers' own logs (TensorFlow start-up chatter) stay in the Ray session logs;
