@@ -228,7 +228,7 @@ def score_agreement(model: str, members: list[tuple[str, bytes, str]], batch_siz
     """Scores of every archive image through both decodes: ROC AUC per score and mean |difference|."""
     from sklearn.metrics import roc_auc_score
 
-    from detectors.columns import COLUMNS
+    from detectors.columns import ANOMALY_SCORE, COLUMNS
     from jobs.bundle import ModelBundle
 
     bundle = ModelBundle.load(model)
@@ -243,8 +243,9 @@ def score_agreement(model: str, members: list[tuple[str, bytes, str]], batch_siz
 
     s_full, s_fast = scores(full), scores(fast)
     rows = {}
-    for name in bundle.detectors:
-        for col in COLUMNS[name]:
+    # each detector's columns, then the fused anomaly_score the reducer leads with
+    for name in [*bundle.detectors, None]:
+        for col in COLUMNS[name] if name else [ANOMALY_SCORE]:
             if col.direction is None or col.name not in s_full:
                 continue
             a, b = s_full[col.name].astype(np.float64), s_fast[col.name].astype(np.float64)
