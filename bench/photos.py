@@ -275,6 +275,22 @@ def ceiling(model: str, pixels: np.ndarray, batch_size: int, n: int = 2048) -> t
     return len(x) / (time.perf_counter() - t0), (time.process_time() - c0) / len(x)
 
 
+def _jobs(model: str, archive: Path, root: Path, batch_size: int, workers: int | None) -> None:
+    """The job on the whole archive and on its first half: CPU-ms per image beyond start-up."""
+    e2e = run_job(model, archive, root / "out", batch_size, workers, per_shard=PER_SHARD)
+    print(f"  {e2e['summary']}\n  peak PSS per process:\n{e2e['breakdown']}", flush=True)
+    half = run_job(model, _half_archive(archive, root / "half"), root / "out-half", batch_size, workers)
+    print(f"  {half['summary']}", flush=True)
+    marginal = (e2e["cpu_s"] - half["cpu_s"]) / (e2e["images"] - half["images"])
+    print(
+        f"job: {e2e['images']} images {e2e['cpu_s']:.1f} CPU-s ({e2e['cpu_s'] / e2e['images'] * 1000:.1f} CPU-ms per "
+        f"image), {half['images']} images {half['cpu_s']:.1f} CPU-s; beyond start-up {marginal * 1000:.1f} CPU-ms "
+        f"per image; {e2e['job_rate']:.1f} images/s whole job; peak PSS {e2e['peak_pss'] / 2**20:.0f} MiB; "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+
+
 def _half_archive(archive: Path, out: Path) -> Path:
     """``out``: hard links to the first half of ``archive``'s shards (no copy)."""
     import shutil
@@ -295,6 +311,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--per-size", type=int, default=24, help="images timed per megapixel size for the decode rates")
+    p.add_argument(
+        "--job-only",
+        action="store_true",
+        help="only the two jobs (whole and half archive): CPU per image and peak PSS, for a re-run on busy cores",
+    )
     args = p.parse_args()
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -307,6 +328,9 @@ def main() -> None:
     t = time.monotonic()
     model = train_bundle(root, args.epochs)
     print(f"bundle: {model} ({time.monotonic() - t:.0f}s)", flush=True)
+    if args.job_only:
+        _jobs(model, archive, root, args.batch_size, args.workers)
+        return
     members = _members(archive)
 
     rates = decode_rates(members, args.per_size)
