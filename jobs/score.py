@@ -53,10 +53,12 @@ STALL_TIMEOUT_S = 900.0
 ACTOR_MEMORY = 1 << 30
 #: rows a CPU actor hands the models at once. TensorFlow's oneDNN kernels keep the memory of
 #: the largest activations they have seen, so an actor's memory follows its largest call,
-#: not the batch it is given: at 64 px, calls of 256 rows left each actor at 1.9 GiB of
-#: anonymous memory, of 64 rows at 0.75 GiB, for 5% more CPU per image (measured in one
-#: process on the bench/throughput.py bundle; 32 rows cost 24% more). GPU actors take the
-#: whole --batch-size: a GPU wants large calls and holds activations in its own memory.
+#: not the batch it is given: at 64 px, calls of 256 rows left one actor's process with
+#: 1,848 MiB of anonymous memory, of 128 rows 1,137 MiB, of 64 rows 751 MiB, at 14.3, 13.7
+#: and 14.8 CPU-ms per image (``bench/actor_memory.py`` on the bench/throughput.py bundle,
+#: 2026-12-03; CPU time on busy cores moves by ~5%). 64 keeps two actors and Ray within
+#: 3.5 GiB. GPU actors take the whole --batch-size: a GPU wants large calls and holds the
+#: activations in its own memory.
 CPU_SCORE_ROWS = 64
 #: bytes of object store of the embedded Ray (Ray's default is 30% of RAM). Ray Data lets the
 #: blocks in flight fill half of it, so with the default a slow scorer lets decoding run ahead
