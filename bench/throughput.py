@@ -154,37 +154,122 @@ def _psutil() -> Any:
     return importlib.import_module("psutil")
 
 
+def pss_of(pid: int) -> int:
+    """PSS of one process in bytes, from /proc/PID/smaps_rollup (Linux >= 4.14): the kernel
+    sums it, which costs far less than parsing smaps (psutil's memory_full_info) while a
+    TensorFlow actor maps thousands of regions. 0 when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+#: (role, pattern on the command line), first match wins; Ray names its workers by
+#: process title (``ray::ScoreActor``, ``ray::IDLE``, ``ray::MapBatches(decode_shards)``)
+ROLES: tuple[tuple[str, str], ...] = (
+    ("gcs_server", r"gcs_server"),
+    ("raylet (+ object store)", r"/raylet( |$)"),
+    ("dashboard agent", r"dashboard/agent\.py|^ray::DashboardAgent"),
+    ("runtime-env agent", r"runtime_env/agent/main\.py|^ray::RuntimeEnvAgent"),
+    ("dashboard (head, no UI)", r"dashboard/dashboard\.py"),
+    ("autoscaler monitor", r"autoscaler/_private/monitor\.py"),
+    ("log monitor", r"log_monitor\.py"),
+    ("scoring actor", r"^ray::ScoreActor|^ray::MapWorker"),
+    ("decode task", r"^ray::(MapBatches|ReadItems|FromItems|Map)"),
+    ("Ray Data stats actor", r"^ray::_StatsActor"),
+    ("Ray Data autoscaling actor", r"^ray::_AutoscalingCoordinatorActor"),
+    ("Ray Data actor-location actor", r"^ray::ActorLocationTracker"),
+    ("idle worker", r"^ray::IDLE"),
+    ("other Ray worker", r"^ray::"),
+)
+
+
+def role_of(cmdline: str, is_root: bool) -> str:
+    if is_root:
+        return "driver"
+    for role, pattern in ROLES:
+        if re.search(pattern, cmdline):
+            return role
+    return "other: " + cmdline[:60]
+
+
 class PeakPss:
-    """Samples the PSS (proportional set size: shared pages counted once) of a process
-    tree every ``every_s`` seconds; ``peak`` in bytes."""
+    """Samples the PSS (proportional set size: shared pages counted once, split among the
+    processes that map them) of a process tree every ``every_s`` seconds. ``peak``: the
+    largest total in bytes; ``at_peak``: [(role, pid, bytes)] of the sample that made it;
+    ``role_peaks``: the largest total of each role over the run."""
 
     def __init__(self, pid: int, every_s: float = 0.5) -> None:
         psutil = _psutil()
         self.root = psutil.Process(pid)
         self.every_s = every_s
         self.peak = 0
+        self.at_peak: list[tuple[str, int, int]] = []
+        self.role_peaks: dict[str, int] = {}
+        self._cpu: dict[int, float] = {}  # pid -> user + system CPU seconds, last seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _role(self, p: Any) -> str:
+        # a worker's title changes (IDLE -> a task -> IDLE): read it every sample
+        psutil = _psutil()
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            return "gone"
+        return role_of(cmd, p.pid == self.root.pid)
+
     def _run(self) -> None:
         psutil = _psutil()
         while not self._stop.is_set():
-            total = 0
             try:
                 procs = [self.root, *self.root.children(recursive=True)]
             except psutil.Error:
                 break
+            sample = [(self._role(p), p.pid, pss_of(p.pid)) for p in procs]
             for p in procs:
-                with contextlib.suppress(psutil.Error):  # a worker that just exited
-                    total += p.memory_full_info().pss
-            self.peak = max(self.peak, total)
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    self._cpu[p.pid] = t.user + t.system
+            total = sum(b for _, _, b in sample)
+            by_role: dict[str, int] = {}
+            for role, _, b in sample:
+                by_role[role] = by_role.get(role, 0) + b
+            for role, b in by_role.items():
+                self.role_peaks[role] = max(self.role_peaks.get(role, 0), b)
+            if total > self.peak:
+                self.peak, self.at_peak = total, sample
             self._stop.wait(self.every_s)
 
     def stop(self) -> int:
         self._stop.set()
         self._thread.join()
         return self.peak
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds of every process the tree ever had, as last sampled (a process that
+        exits loses at most its last ``every_s`` seconds)."""
+        return sum(self._cpu.values())
+
+    def breakdown(self) -> str:
+        """Per role at the peak: 'role xN: MiB' lines, largest first."""
+        by: dict[str, list[int]] = {}
+        for role, _, b in self.at_peak:
+            by.setdefault(role, []).append(b)
+        lines = []
+        for role, sizes in sorted(by.items(), key=lambda kv: -sum(kv[1])):
+            each = ", ".join(f"{b / 2**20:.0f}" for b in sorted(sizes, reverse=True))
+            lines.append(
+                f"    {role} x{len(sizes)}: {sum(sizes) / 2**20:.0f} MiB ({each}); "
+                f"role's own peak {self.role_peaks.get(role, 0) / 2**20:.0f} MiB"
+            )
+        return "\n".join(lines)
 
 
 def run_job(
@@ -201,7 +286,22 @@ def run_job(
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     mem = PeakPss(proc.pid)
-    stdout, stderr = proc.communicate(timeout=7200)
+    deadline = t0 + 7200
+    while True:
+        try:  # a line a minute: on shared cores a long run may have to be stopped before its end
+            stdout, stderr = proc.communicate(timeout=60)
+            break
+        except subprocess.TimeoutExpired:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            parts = len(list((out / "parts").glob("*.parquet")))
+            print(
+                f"  ... {parts} parts committed, peak PSS so far {mem.peak / 2**20:.0f} MiB, "
+                f"load average {os.getloadavg()[0]:.1f}",
+                file=sys.stderr,
+                flush=True,
+            )
     wall = time.monotonic() - t0
     peak = mem.stop()
     if proc.returncode != 0:
@@ -221,8 +321,23 @@ def run_job(
         "wall_s": wall,
         "steady_rate": steady,
         "peak_pss": peak,
+        "cpu_s": mem.cpu_s,
+        "breakdown": mem.breakdown(),
         "summary": line,
     }
+
+
+#: run_job's entries printed on lines of their own
+SHOWN_APART = ("summary", "breakdown")
+
+
+def _print_memory(n: int, res: dict[str, Any]) -> None:
+    print(
+        f"memory at {n}: peak PSS {res['peak_pss'] / 2**20:.0f} MiB, {res['job_rate']:.1f} images/s, "
+        f"{res['cpu_s'] / res['images'] * 1000:.2f} CPU-ms per image (job process tree), "
+        f"load average {os.getloadavg()[0]:.1f}; at the peak:\n{res['breakdown']}",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -235,6 +350,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--sample", type=int, default=5000, help="images timed for the ceiling and the sequential script")
     p.add_argument("--per-detector-only", action="store_true", help="stop after timing each detector alone")
+    p.add_argument("--memory-only", action="store_true", help="only the jobs of --memory: peak PSS, per process")
     args = p.parse_args()
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -246,6 +362,11 @@ def main() -> None:
     model = train_bundle(root, args.epochs)
     print(f"bundle: {model} ({time.monotonic() - t:.0f}s)", flush=True)
 
+    if args.memory_only:
+        for n in args.memory:
+            res = run_job(model, make_archive(root, n), root / f"out-{n}", args.batch_size, args.workers)
+            _print_memory(n, res)
+        return
     rates = per_detector(model, archive, args.sample, args.batch_size)
     print("per detector: " + ", ".join(f"{k} {v:.0f}/s" for k, v in rates.items()), flush=True)
     if args.per_detector_only:
@@ -255,7 +376,7 @@ def main() -> None:
     seq = sequential(model, archive, args.sample, args.batch_size)
     print(f"sequential: {seq:.1f} images/s", flush=True)
     e2e = run_job(model, archive, root / f"out-{args.images}", args.batch_size, args.workers)
-    print(f"end-to-end: {json.dumps({k: v for k, v in e2e.items() if k != 'summary'})}", flush=True)
+    print(f"end-to-end: {json.dumps({k: v for k, v in e2e.items() if k not in SHOWN_APART})}", flush=True)
     print(f"  {e2e['summary']}", flush=True)
     # the cores are shared with other work: take the better of two ceilings (a conservative ratio)
     ceil = max(ceil, ceiling(model, archive, args.sample, args.batch_size))
@@ -268,7 +389,7 @@ def main() -> None:
             else run_job(model, make_archive(root, n), root / f"out-{n}", args.batch_size, args.workers)
         )
         mem[n] = res
-        print(f"memory at {n}: peak PSS {res['peak_pss'] / 2**20:.0f} MiB ({res['job_rate']:.1f} images/s)", flush=True)
+        _print_memory(n, res)
 
     gib = 2**20
     rows = [

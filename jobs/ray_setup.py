@@ -6,23 +6,35 @@ import logging
 import os
 
 
-def connect(address: str | None, num_cpus: int | None = None) -> bool:
+def connect(address: str | None, num_cpus: int | None = None, object_store_memory: int | None = None) -> bool:
     """Join the cluster at ``address`` or start Ray in this process (``num_cpus``, default
-    every core). True when this call started Ray (and the caller must stop it)."""
+    every core; ``object_store_memory`` bytes of shared memory for objects, default Ray's
+    30% of RAM; both ignored when joining a cluster, which has its own). True when this
+    call started Ray (and the caller must stop it)."""
     import ray
 
     if ray.is_initialized():  # an embedding program (tests, a notebook) owns Ray
         return False
     if address is None:
-        ray.init(
-            address="local",  # never attach to some other Ray found on this machine
-            num_cpus=num_cpus or os.cpu_count() or 1,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            # workers' own logs (TensorFlow start-up chatter) stay in the Ray session logs;
-            # their errors reach the driver as exceptions anyway
-            log_to_driver=False,
-        )
+        try:
+            ray.init(
+                address="local",  # never attach to some other Ray found on this machine
+                num_cpus=num_cpus or os.cpu_count() or 1,
+                object_store_memory=object_store_memory,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                # workers' own logs (TensorFlow start-up chatter) stay in the Ray session logs;
+                # their errors reach the driver as exceptions anyway
+                log_to_driver=False,
+            )
+        except Exception as e:
+            # Ray gives its node a fixed 30 s to register, and raises a bare Exception past
+            # that: seen on cores shared by dozens of processes. One line, not a traceback.
+            if "timed out during startup" not in str(e):
+                raise
+            raise TimeoutError(
+                f"Ray did not start on this machine within its 30 s ({e}); retry when fewer processes share the cores"
+            ) from e
     else:
         ray.init(address=address, logging_level=logging.WARNING)
     return True

@@ -51,6 +51,20 @@ WAIT_FOR_ACTORS_S = 600
 STALL_TIMEOUT_S = 900.0
 #: bytes of RAM one scoring actor is expected to hold (TensorFlow + a bundle), reserved in Ray
 ACTOR_MEMORY = 1 << 30
+#: rows a CPU actor hands the models at once. TensorFlow's oneDNN kernels keep the memory of
+#: the largest activations they have seen, so an actor's memory follows its largest call,
+#: not the batch it is given: at 64 px, calls of 256 rows left one actor's process with
+#: 1,848 MiB of anonymous memory, of 128 rows 1,137 MiB, of 64 rows 751 MiB, at 14.3, 13.7
+#: and 14.8 CPU-ms per image (``bench/actor_memory.py`` on the bench/throughput.py bundle,
+#: 2026-12-03; CPU time on busy cores moves by ~5%). 64 keeps two actors and Ray within
+#: 3.5 GiB. GPU actors take the whole --batch-size: a GPU wants large calls and holds the
+#: activations in its own memory.
+CPU_SCORE_ROWS = 64
+#: bytes of object store of the embedded Ray (Ray's default is 30% of RAM). Ray Data lets the
+#: blocks in flight fill half of it, so with the default a slow scorer lets decoding run ahead
+#: by gigabytes and the job's memory grows with the archive; 512 MiB still holds a dozen
+#: 256-row blocks of 224 px RGB images (38 MB each), hundreds at 64 px.
+EMBEDDED_OBJECT_STORE = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -115,9 +129,17 @@ def decode_shards(
 
 
 class ScoreActor:
-    """Ray Data actor: loads the bundle ONCE, then scores decoded tables (error rows pass through)."""
+    """Ray Data actor: loads the bundle ONCE, then scores decoded tables (error rows pass
+    through), ``score_rows`` rows per call of the models (None: the whole table)."""
 
-    def __init__(self, models: str, storage_options: dict[str, Any], run_id: str, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        models: str,
+        storage_options: dict[str, Any],
+        run_id: str,
+        threads: int | None = None,
+        score_rows: int | None = None,
+    ) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
 
@@ -129,9 +151,17 @@ class ScoreActor:
             tf.config.experimental.set_memory_growth(gpu, True)
         self.bundle = ModelBundle.load(models, storage_options)
         self.run_id = run_id
+        self.score_rows = score_rows
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        return score_table(self.bundle, table, run_id=self.run_id)
+        step = self.score_rows or max(table.num_rows, 1)
+        if table.num_rows <= step:
+            return score_table(self.bundle, table, run_id=self.run_id)
+        # slices are zero-copy views; each is scored, and its activations freed, before the next
+        return pa.concat_tables(
+            score_table(self.bundle, table.slice(start, step), run_id=self.run_id)
+            for start in range(0, table.num_rows, step)
+        )
 
 
 # -- the job -----------------------------------------------------------------------------------------
@@ -270,7 +300,7 @@ def _validate_bundle(models: str, storage_options: dict[str, Any]) -> tuple[int,
 
 def _connect(cfg: ScoreConfig) -> bool:
     """Join the cluster or start Ray here; True when this call started Ray (and must stop it)."""
-    return connect(cfg.ray_address, cfg.num_cpus)
+    return connect(cfg.ray_address, cfg.num_cpus, object_store_memory=EMBEDDED_OBJECT_STORE)
 
 
 def _check_resources(cfg: ScoreConfig) -> None:
@@ -334,6 +364,7 @@ def build_dataset(cfg: ScoreConfig, run_id: str, pending: list[Shard], size: int
             "storage_options": so,
             "run_id": run_id,
             "threads": None if cfg.gpus_per_worker > 0 else max(1, math.floor(actor_cpus)),
+            "score_rows": None if cfg.gpus_per_worker > 0 else CPU_SCORE_ROWS,
         },
         num_cpus=actor_cpus,
         num_gpus=cfg.gpus_per_worker or None,

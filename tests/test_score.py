@@ -29,7 +29,7 @@ from jobs.demo_data import (
 from jobs.images import decode_image
 from jobs.ledger import committed_shards, read_results
 from jobs.schema import RESULT_SCHEMA
-from jobs.score import ScoreConfig, score
+from jobs.score import ScoreActor, ScoreConfig, score
 from jobs.scoring import SEQ, SHARD_N, decode_records, finish_part, pixels_of, score_table
 from jobs.sources import Record, list_shards
 from jobs.storage import filesystem, join, read_bytes, write_bytes
@@ -140,6 +140,19 @@ def test_score_table_equals_direct_scores_and_leaves_errors_null(bundle: ModelBu
     assert part.column("recon_error").null_count == part.num_rows
     assert part.column("cam_map").null_count == part.num_rows
     assert part.column("ocsvm_score").null_count == sum(s.key.startswith("corrupt") for s in items)
+
+
+def test_score_actor_scores_a_table_in_slices_of_score_rows(bundle_uri: str, archive: list[Sample]) -> None:
+    """A CPU actor calls the models on at most ``score_rows`` rows at a time (its memory follows
+    the largest call): the rows, their order and their scores are those of one call."""
+    items = [s for s in archive if s.key.startswith(("corrupt", "odd"))] + archive[:20]
+    table = pa.concat_tables(list(decode_records(_records(items), "mem://s", SIZE, 1)))
+    actor = ScoreActor(bundle_uri, {}, "r1", score_rows=4)
+    out = actor(table)
+    assert out.column(SEQ).to_pylist() == table.column(SEQ).to_pylist()
+    part = finish_part([out])
+    assert part.num_rows == len(items)
+    _check_scores(part, actor.bundle, items)
 
 
 def _check_scores(results: pa.Table, bundle: ModelBundle, items: list[Sample]) -> None:
