@@ -17,6 +17,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # A decompression bomb is refused above this many pixels (PIL's default is 89M
 # with only a warning below 2x that; we make any excess an error row).
 MAX_PIXELS = 64_000_000
+# PIL's own bomb check (2 x 89M pixels, an exception raised inside Image.open) would overrule
+# --max-pixels above it and word the refusal its own way: the limit is ours, checked below
+# from the header, before any pixel is decoded.
+Image.MAX_IMAGE_PIXELS = None
 #: an input file larger than this is refused unread (an image row with status "error"):
 #: the biggest camera raws and 16-bit TIFF scans are ~200 MB; an archive member of 10 GB
 #: must not be pulled into a decode task's memory
@@ -51,8 +55,9 @@ def check_limits(max_pixels: int, max_bytes: int) -> None:
 
 def too_large(n_bytes: int | None, max_bytes: int) -> str:
     """The reason of an input refused for its size in bytes (None: not read to its end)."""
-    size = f"{n_bytes} bytes" if n_bytes is not None else "more bytes than that"
-    return f"file too large: {size} exceeds the limit of {max_bytes} bytes (--max-bytes)"
+    if n_bytes is None:
+        return f"file too large: over the limit of {max_bytes} bytes (--max-bytes)"
+    return f"file too large: {n_bytes} bytes exceeds the limit of {max_bytes} bytes (--max-bytes)"
 
 
 def decode_image(
