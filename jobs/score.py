@@ -41,8 +41,8 @@ from jobs.ledger import (
 from jobs.pool import PoolPlan, nodes_from_ray, plan_pool
 from jobs.ray_setup import connect, local_gpus
 from jobs.scoring import DECODE_CHUNK, decode_records, finish_part, score_table
-from jobs.sources import Shard, list_shards, read_shard
-from jobs.storage import redact, remember_secrets
+from jobs.sources import Shard, TransientReadError, list_shards, read_shard
+from jobs.storage import StorageError, redact, remember_secrets
 
 #: seconds a Ray Data actor pool may wait for its actors to start before failing (Ray's
 #: default, -1, never gives up: an actor that fits nowhere must fail the job, not hang it)
@@ -242,9 +242,14 @@ def score_shards(cfg: ScoreConfig, shards: list[Shard]) -> dict[str, Any]:
             write_run(cfg.out, plan, so)
             written = True
             _run_pipeline(cfg, plan, pending, size, channels, progress)
-        except BaseException:
+        except BaseException as e:
             if written:  # a refusal before the run was written leaves nothing to resume
                 log(f"stopped after committing {progress.shards} shards; resume with --run-id {plan.run_id}")
+            transient = _transient_cause(e)
+            if transient is not None:  # Ray wraps it in a traceback of many lines: one line is enough
+                # (Ray Data appends its own retry advice to the message: the first line is ours)
+                first = str(transient).splitlines()[0]
+                raise StorageError(f"{first} (resume with --run-id {plan.run_id})") from e
             raise
         finally:
             if started:
@@ -264,6 +269,22 @@ def score_shards(cfg: ScoreConfig, shards: list[Shard]) -> dict[str, Any]:
         "seconds": round(seconds, 2),
         "images_per_s": round(progress.images / seconds, 1) if seconds > 0 else 0.0,
     }
+
+
+def _transient_cause(e: BaseException) -> TransientReadError | None:
+    """The ``TransientReadError`` of a decode task behind the exception Ray raised, if any
+    (Ray's wrapper is an instance of it too, with the remote traceback for its text)."""
+    seen: set[int] = set()
+    stack: list[Any] = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if type(x) is TransientReadError:
+            return x
+        stack += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    return None
 
 
 def summary_line(summary: dict[str, Any]) -> str:

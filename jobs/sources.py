@@ -222,7 +222,17 @@ class Item:
 
 def list_items(source: str, storage_options: StorageOptions | None = None) -> list[Item]:
     """Every input of a source, sorted by URI. Raises ``SourceError`` for a missing or
-    empty source, or one that mixes archives with loose images."""
+    empty source, or one that mixes archives with loose images, and ``StorageError`` (one
+    line) for a store that cannot be reached."""
+    try:
+        return _list_items(source, storage_options)
+    except (SourceError, StorageError):
+        raise
+    except Exception as e:  # botocore/aiohttp errors are no OSError: one line, not a traceback
+        raise StorageError(f"Cannot list {source}: {type(e).__name__}: {e}") from e
+
+
+def _list_items(source: str, storage_options: StorageOptions | None) -> list[Item]:
     fs, root = filesystem(source, storage_options)
     if fs.isfile(root):
         infos = [{**fs.info(root), "name": qualify(fs, root), "path": root}]
