@@ -26,6 +26,20 @@ def digits16() -> tuple[np.ndarray, np.ndarray]:
     return digits(16)
 
 
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: Any, digits16: tuple[np.ndarray, np.ndarray]) -> str:
+    """The smallest real bundle (once per session): an autoencoder at 16 px, one epoch on 60
+    digits. For tests of what happens around the models, not of their scores."""
+    from detectors import AutoencoderDetector
+    from jobs.bundle import ModelBundle
+
+    images, labels = digits16
+    det = AutoencoderDetector(input_size=16, epochs=1, filters=(8, 16), latent_dim=4).fit(images[labels == 0][:60])
+    uri = str(tmp_path_factory.mktemp("tiny-bundle") / "model")
+    ModelBundle(detectors={"autoencoder": det}, input_size=16, channels=1).save(uri)
+    return uri
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

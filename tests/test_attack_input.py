@@ -13,10 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
-from jobs.bundle import ModelBundle
 from jobs.ledger import committed_shards, read_results
 from jobs.score import ScoreConfig, preflight, score_shards
 from jobs.sources import list_shards
@@ -39,15 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bundle_uri(tmp_path_factory: Any, digits16: tuple[np.ndarray, np.ndarray]) -> str:
-    """The smallest real bundle: an autoencoder at 16 px, one epoch on 60 digits."""
-    from detectors import AutoencoderDetector
-
-    images, labels = digits16
-    det = AutoencoderDetector(input_size=SIZE, epochs=1, filters=(8, 16), latent_dim=4).fit(images[labels == 0][:60])
-    uri = str(tmp_path_factory.mktemp("bundle") / "model")
-    ModelBundle(detectors={"autoencoder": det}, input_size=SIZE, channels=1).save(uri)
-    return uri
+def bundle_uri(tiny_bundle: str) -> str:
+    return tiny_bundle
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -118,14 +117,8 @@ class FlakyProxy:
 
 
 @pytest.fixture(scope="module")
-def bundle_uri(tmp_path_factory: Any, digits16: tuple[np.ndarray, np.ndarray]) -> str:
-    from detectors import AutoencoderDetector
-
-    images, labels = digits16
-    det = AutoencoderDetector(input_size=SIZE, epochs=1, filters=(8, 16), latent_dim=4).fit(images[labels == 0][:60])
-    uri = str(tmp_path_factory.mktemp("bundle") / "model")
-    ModelBundle(detectors={"autoencoder": det}, input_size=SIZE, channels=1).save(uri)
-    return uri
+def bundle_uri(tiny_bundle: str) -> str:
+    return tiny_bundle
 
 
 @pytest.fixture(scope="module")
@@ -310,3 +303,46 @@ def test_a_killed_reducer_leaves_no_half_written_output_and_its_rerun_is_the_sam
     assert sorted(p.name for p in killed.glob("*") if not p.name.startswith(".")) == sorted(
         p.name for p in clean.glob("*")
     )
+
+
+@pytest.mark.soak
+@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.s3
+def test_soak_repeated_outages_over_a_bigger_archive(
+    local_ray: None, bundle_uri: str, flaky_s3: dict[str, Any], tmp_path: Path
+) -> None:
+    """Outages of OUTAGE_S, again and again (up to 5) while 600 images in 60 shards are read."""
+    so, proxy = flaky_s3["storage_options"], flaky_s3["proxy"]
+    n = _archive(flaky_s3["root"], so, 600, 10)
+    cfg = ScoreConfig(
+        source=f"{flaky_s3['root']}/src",
+        models=bundle_uri,
+        out=str(tmp_path / "out"),
+        batch_size=16,
+        storage_options=so,
+    )
+    shards = list_shards(cfg.source, so)
+    met: list[int] = []  # connections refused per outage
+    done = threading.Event()
+
+    def outages() -> None:
+        for _ in range(5):
+            before = proxy.refused
+            proxy.down()
+            while proxy.refused == before and not done.is_set():
+                time.sleep(0.1)
+            time.sleep(OUTAGE_S)
+            proxy.restore()
+            met.append(proxy.refused - before)
+            if done.wait(5.0):
+                return
+
+    threading.Thread(target=outages, daemon=True).start()
+    summary = score_shards(cfg, shards)
+    done.set()
+    proxy.restore()
+    print(f"soak: {len(met)} outage(s) met, refused connections {met}; {summary['images']} images")
+    assert met and all(met)
+    assert summary["images"] == n and summary["errors"] == 0
+    _check_once(cfg.out, n)
