@@ -20,8 +20,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.attack_corpus import huge_gif, huge_jpeg, huge_png  # noqa: E402
-from tests.test_attack_input import bomb_memory  # noqa: E402
+from tests.attack_corpus import huge_gif, huge_jpeg, huge_png
+from tests.test_attack_input import bomb_memory
 
 
 def at_limit_png(side: int = 8000) -> bytes:
