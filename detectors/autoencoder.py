@@ -214,6 +214,10 @@ class AutoencoderDetector(BaseDetector):
         self._record_training(xb, self._score_floats(x_val if len(x_val) else x_tr))
         return self
 
+    def _anomaly_columns(self) -> tuple[str, ...]:
+        # the KL of the latent exists only for a VAE
+        return ("recon_error", "recon_local", *(("ae_kl",) if self.variational else ()))
+
     # -- inference
     def reconstruct(self, images: ImageBatch) -> np.ndarray:
         """float32 (n, s, s, channels) reconstructions in [0, 1]."""

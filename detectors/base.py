@@ -7,6 +7,9 @@ A detector is an estimator in the scikit-learn sense:
 * ``score(images)`` returns named per-image columns (``dict[str, np.ndarray]``),
   each declared in the class attribute ``columns`` with its dtype and the side
   that is anomalous;
+* ``anomaly_columns_`` (set by ``fit``) names the columns that mean something
+  for the model it trained: what ``detectors.fusion`` combines into
+  ``anomaly_score``, and what the reducer and the report show per score;
 * ``to_files()`` / ``from_files(files)`` turn a fitted detector into named byte
   blobs and back, in formats that load without executing code (``.keras`` in
   safe mode, skops, JSON). Where the blobs are stored is the job layer's
@@ -26,7 +29,8 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-FORMAT_VERSION = 1
+#: 2: meta.json declares ``anomaly_columns`` (what ``detectors.fusion`` combines)
+FORMAT_VERSION = 2
 CALIBRATION_QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
 #: most calibration scores kept as a sample (more are summarised by this many evenly spaced
 #: quantiles): what a night's scores are compared with (two-sample drift statistics), and
@@ -67,6 +71,8 @@ class BaseDetector:
     fingerprint_: str
     n_train_: int
     calibration_: dict[str, dict[str, Any]]
+    #: the columns that mean something for the fitted model (None: restored from an older artifact)
+    anomaly_columns_: tuple[str, ...] | None
 
     # -- parameters (sklearn's get_params without the dependency on BaseEstimator)
     @classmethod
@@ -102,6 +108,11 @@ class BaseDetector:
     def score_columns(self) -> dict[str, ScoreColumn]:
         return {c.name: c for c in self.columns}
 
+    def _anomaly_columns(self) -> tuple[str, ...]:
+        """The columns that mean something for the fitted model; detectors whose
+        configuration decides it (a VAE's KL, a CAM's anomaly class) override this."""
+        return tuple(c.name for c in self.columns if c.direction is not None)
+
     # -- metadata
     def _record_training(
         self, images: np.ndarray, calibration_scores: Mapping[str, np.ndarray], labels: Sequence[Any] | None = None
@@ -118,6 +129,14 @@ class BaseDetector:
         }
         # a column this configuration does not produce (all NaN: ae_kl without a VAE) has no calibration
         self.calibration_ = {name: s for name, s in stats.items() if s["n"] > 0}
+        declared = self._anomaly_columns()
+        uncalibrated = [c for c in declared if c not in self.calibration_]
+        if uncalibrated:
+            raise ValueError(
+                f"{type(self).__name__}: its anomaly columns {uncalibrated} got no finite score on the "
+                f"{len(next(iter(scores.values()), []))} calibration images; cannot calibrate them."
+            )
+        self.anomaly_columns_ = declared
 
     def metadata(self) -> dict[str, Any]:
         self._check_fitted()
@@ -128,6 +147,7 @@ class BaseDetector:
             "fingerprint": self.fingerprint_,
             "n_train": self.n_train_,
             "calibration": self.calibration_,
+            "anomaly_columns": list(self.anomaly_columns_ or ()),
             "columns": [{"name": c.name, "dtype": c.dtype, "direction": c.direction} for c in self.columns],
         }
 
@@ -152,6 +172,8 @@ class BaseDetector:
         self.fingerprint_ = meta["fingerprint"]
         self.n_train_ = int(meta["n_train"])
         self.calibration_ = dict(meta["calibration"])
+        declared = meta.get("anomaly_columns")
+        self.anomaly_columns_ = None if declared is None else tuple(str(c) for c in declared)
 
 
 def fingerprint(images: np.ndarray | Sequence[np.ndarray], labels: Sequence[Any] | None = None) -> str:

@@ -256,6 +256,12 @@ class CamDetector(BaseDetector):
             return self.classes_.index(self.anomaly_class)
         return None
 
+    def _anomaly_columns(self) -> tuple[str, ...]:
+        # With an anomaly class (labelled, or self-made defects) its probability is the score,
+        # and a confident anomaly has a HIGH cam_prob: the wrong side. Without one, a low
+        # maximum softmax probability is the out-of-distribution signal.
+        return ("cam_anomaly",) if self.anomaly_index_ is not None else ("cam_prob",)
+
     def _model_input(self, xb: np.ndarray) -> np.ndarray:
         x = xb.astype(np.float32) / 255.0
         return preprocess_for_backbone(self.backbone, x) if self.backbone in BACKBONES else x

@@ -12,6 +12,14 @@ from detectors.base import ScoreColumn
 #: the CAM's class of self-made defects, when it was trained on normal images only
 DEFECT_CLASS = "__defect__"
 
+#: the fused score (``detectors.fusion``): every detector's meaningful columns in one number
+ANOMALY_SCORE = ScoreColumn(
+    "anomaly_score",
+    "float64",
+    "high",
+    "-log10 of the combined tail probability of the detectors' meaningful scores (3 = 1 normal image in 1,000)",
+)
+
 COLUMNS: dict[str, tuple[ScoreColumn, ...]] = {
     "autoencoder": (
         ScoreColumn("recon_error", "float32", "high", "per-image mean squared reconstruction error"),

@@ -166,6 +166,10 @@ class MixtureDetector(BaseDetector):
         self._record_training(xb, self.score(calib))
         return self
 
+    def _anomaly_columns(self) -> tuple[str, ...]:
+        # the least likely location exists only with the local (per-location) mixture
+        return ("gmm_loglik", *(("gmm_local_loglik",) if self.local else ()))
+
     def _mixture(self, dim: int, n: int, n_components: int, reg_covar: float) -> Pipeline:
         steps: list[tuple[str, Any]] = [("scale", StandardScaler())] if self.standardize else []
         k = self.pca_components

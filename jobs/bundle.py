@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from detectors.columns import ANOMALY_SCORE
 from detectors.preprocessing import ImageBatch
 from jobs.storage import StorageError, StorageOptions, join, read_bytes, read_json, write_bytes, write_json
 
@@ -48,18 +49,26 @@ class ModelBundle:
     created_at: str = ""
 
     def score(self, images: ImageBatch) -> dict[str, Any]:
-        """Every detector's columns for a batch of uint8 images (any size)."""
+        """Every detector's columns for a batch of uint8 images (any size), and the
+        fused ``anomaly_score`` of their declared anomaly columns (``detectors.fusion``)."""
+        from detectors.fusion import anomaly_score
+
         out: dict[str, Any] = {}
         for det in self.detectors.values():
             out.update(det.score(images))
+        out[ANOMALY_SCORE.name] = anomaly_score(self.detectors.values(), out)
         return out
 
     @property
     def calibration(self) -> dict[str, dict[str, Any]]:
-        """score column -> statistics of held-out normal training scores."""
+        """score column -> statistics of held-out normal training scores (and, for
+        ``anomaly_score``, its distribution on normal images by construction)."""
+        from detectors.fusion import null_calibration
+
         out: dict[str, dict[str, Any]] = {}
         for det in self.detectors.values():
             out.update(det.calibration_)
+        out[ANOMALY_SCORE.name] = null_calibration()
         return out
 
     def files(self) -> dict[str, bytes]:
@@ -227,7 +236,12 @@ def _check_file(detector: str, fname: str, data: bytes) -> None:
     if fname == "meta.json":
         from detectors.base import BaseDetector  # numpy + json only
 
-        BaseDetector._read_metadata({"meta.json": data}, detector)
+        meta = BaseDetector._read_metadata({"meta.json": data}, detector)
+        if "anomaly_columns" not in meta:
+            raise ValueError(
+                "trained by an imgscan that did not declare which scores mean something (no 'anomaly_columns'), "
+                "which anomaly_score needs; retrain the bundle with 'imgscan train'"
+            )
     elif fname.endswith(".keras"):
         _check_keras(data)
     elif fname.endswith(".skops"):

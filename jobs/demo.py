@@ -87,11 +87,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"(known anomalies: {summary['labels']['anomalies']} of {summary['labels']['labelled']} labelled)",
         "ROC AUC against the known anomalies:",
     ]
-    for name, entry in sorted(summary["scores"].items()):
+    # the reducer's order: anomaly_score (the one to read) first, then the scores it combines
+    for name, entry in summary["scores"].items():
         if "roc_auc" in entry:
+            flagged = "not thresholded" if entry.get("flagged") is None else f"flagged {entry['flagged']}"
             lines.append(
                 f"  {name:<18} ROC AUC {entry['roc_auc']:.3f}   PR AUC {entry.get('pr_auc', float('nan')):.3f}   "
-                f"flagged {entry['flagged']}"
+                f"{flagged}"
             )
     secs = demo["seconds"]
     lines.append(

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from detectors.columns import DEFECT_CLASS
+from detectors.columns import ANOMALY_SCORE, DEFECT_CLASS
 from jobs.reduce_metrics import Confusion, LabelledSample, label_codes
 from jobs.schema import SCORE_DIRECTIONS
 from jobs.storage import (
@@ -47,9 +47,11 @@ from jobs.storage import (
     write_bytes,
     write_json,
 )
-from jobs.thresholds import MAX_VALUES, Direction, Rule, Threshold, ThresholdError, ThresholdFitter
+from jobs.thresholds import MAX_VALUES, Direction, Moments, Rule, Threshold, ThresholdError, ThresholdFitter
 
 MISMATCH = "cam_mismatch"  # the label-audit rule: cam_pred != label
+EACH = "each"  # --rule each=RULE: every meaningful score gets RULE (flags per detector)
+FUSED = ANOMALY_SCORE.name
 DEFAULT_RULE = "quantile:0.999"
 HISTOGRAM_BINS = 60
 BATCH_SIZE = 131_072
@@ -60,8 +62,14 @@ class ReduceConfig:
     """What ``imgscan reduce`` does; validated once.
 
     ``rules``: ``"SCORE=RULE"`` (one per score; ``RULE`` "off" leaves the score
-    out) or a bare ``"RULE"`` that replaces ``default_rule`` for every score.
-    ``cam_mismatch=off`` turns the label audit off.
+    out), ``"each=RULE"`` (every meaningful score of the bundle gets RULE: flags per
+    detector) or a bare ``"RULE"`` that replaces ``default_rule``, the rule of
+    ``anomaly_score``. ``cam_mismatch=off`` turns the label audit off.
+
+    By default only ``anomaly_score`` is thresholded; the other meaningful scores
+    (what the bundle's detectors declare) get histograms and metrics, and flags only
+    when a rule names them. Results scored before ``anomaly_score`` existed
+    threshold every score with the default rule, as then.
     """
 
     results: str
@@ -83,29 +91,43 @@ class ReduceConfig:
         if self.batch_size < 1 or self.max_values < 16:
             raise ValueError("batch_size must be >= 1 and max_values >= 16.")
 
-    def parsed_rules(self) -> tuple[Rule, dict[str, Rule | None], bool]:
-        """(default rule, score -> rule or None for "off", label audit on)."""
+    def parsed_rules(self) -> Rules:
         default = Rule.parse(self.default_rule)
         explicit: dict[str, Rule | None] = {}
         audit: bool | None = None
+        each: Rule | None = None
         for text in self.rules:
             if "=" not in text:
                 default = Rule.parse(text)
                 continue
             score, _, rule = (s.strip() for s in text.partition("="))
-            if score in explicit or (score == MISMATCH and audit is not None):
+            if score in explicit or (score == MISMATCH and audit is not None) or (score == EACH and each is not None):
                 raise ValueError(f"--rule {score}=... given twice; one rule per score.")
             if score == MISMATCH:
                 if rule not in ("on", "off"):
                     raise ValueError(f"--rule {MISMATCH}= takes 'on' or 'off'. Received: {rule!r}.")
                 audit = rule == "on"
                 continue
+            if score == EACH:
+                each = Rule.parse(rule)
+                continue
             if score not in SCORE_DIRECTIONS:
                 raise ValueError(
-                    f"--rule {text!r}: {score!r} is not a score column; scores: {[*SCORE_DIRECTIONS, MISMATCH]}."
+                    f"--rule {text!r}: {score!r} is not a score column; "
+                    f"scores: {[*SCORE_DIRECTIONS, MISMATCH]} (or {EACH}=RULE for every meaningful score)."
                 )
             explicit[score] = None if rule == "off" else Rule.parse(rule)
-        return default, explicit, audit is not False
+        return Rules(default, explicit, audit is not False, each)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The parsed ``--rule`` flags."""
+
+    default: Rule  # anomaly_score's (every score's, for results without it)
+    explicit: dict[str, Rule | None]  # score -> its rule, None for "off"
+    audit: bool  # the cam_mismatch label audit
+    each: Rule | None  # every meaningful score's rule, when given
 
 
 def log(msg: str) -> None:
@@ -121,6 +143,8 @@ class Part:
     path: str
     num_rows: int
     schema: pa.Schema
+    #: column -> nulls in the part, from the footer's statistics (absent: the writer kept none)
+    null_counts: Mapping[str, int] = field(default_factory=dict)
 
 
 class RunResults:
@@ -148,7 +172,7 @@ class RunResults:
         try:
             with self.fs.open(info["path"], "rb") as f:
                 pf = pq.ParquetFile(f)
-                return Part(info["name"], info["path"], pf.metadata.num_rows, pf.schema_arrow)
+                return Part(info["name"], info["path"], pf.metadata.num_rows, pf.schema_arrow, _null_counts(pf))
         except (OSError, pa.ArrowException) as e:
             raise ValueError(f"Result part {info['name']} is not a readable Parquet file: {e}") from e
 
@@ -156,12 +180,30 @@ class RunResults:
     def num_rows(self) -> int:
         return sum(p.num_rows for p in self.parts)
 
+    def all_null(self, column: str) -> bool:
+        """True when the footers show no value in ``column`` (absent, or null in every row)."""
+        if column not in self.columns:
+            return True
+        return all(column in p.null_counts and p.null_counts[column] == p.num_rows for p in self.parts)
+
     def batches(self, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
         cols = [c for c in dict.fromkeys(columns) if c in self.columns]
         for part in self.parts:
             with self.fs.open(part.path, "rb") as f:
                 pf = pq.ParquetFile(f, read_dictionary=[c for c in ("status", "shard") if c in cols])
                 yield from pf.iter_batches(batch_size=self.batch_size, columns=cols)
+
+
+def _null_counts(pf: pq.ParquetFile) -> dict[str, int]:
+    """column -> nulls over the row groups, for the flat columns whose every row group has statistics."""
+    md = pf.metadata
+    out: dict[str, int] = {}
+    for j in range(md.num_columns):
+        path = md.schema.column(j).path
+        counts = [md.row_group(i).column(j).statistics for i in range(md.num_row_groups)]
+        if "." not in path and all(s is not None and s.has_null_count for s in counts):
+            out[path] = sum(s.null_count for s in counts if s is not None)
+    return out
 
 
 def _is_part(info: Mapping[str, Any]) -> bool:
@@ -202,25 +244,36 @@ class ModelFacts:
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
     cam_classes: list[str] | None = None
     cam_anomaly_class: str | None = None  # the CAM's anomaly class (labelled or self-made defects)
+    #: the columns the detectors declare meaningful (None: unknown, the bundle predates the declaration)
+    anomaly_columns: list[str] | None = None
     error: str | None = None  # why the bundle could not be read
 
 
 def read_model_facts(uri: str | None, storage_options: StorageOptions | None) -> ModelFacts:
-    """Calibration statistics and CAM classes from a bundle's meta.json files."""
+    """Calibration statistics, declared anomaly columns and CAM classes from a bundle's meta.json files."""
     if not uri:
         return ModelFacts(None, error="no model URI in _run.json")
+    from detectors.fusion import null_calibration
     from jobs.bundle import BundleError, read_manifest
 
     facts = ModelFacts(uri)
     try:
         manifest = read_manifest(uri, storage_options)
+        declared: list[str] | None = []
         for name in manifest["detectors"]:
             meta = read_json(join(uri, name, "meta.json"), storage_options)
             facts.calibration.update(meta.get("calibration") or {})
+            if declared is not None and "anomaly_columns" in meta:
+                declared.extend(str(c) for c in meta["anomaly_columns"])
+            else:
+                declared = None
             if name == "cam":
                 facts.cam_classes = [str(c) for c in meta.get("classes", [])]
                 anomaly = (meta.get("params") or {}).get("anomaly_class")
                 facts.cam_anomaly_class = DEFECT_CLASS if DEFECT_CLASS in facts.cam_classes else anomaly
+        facts.anomaly_columns = declared
+        if declared is not None:
+            facts.calibration[FUSED] = null_calibration()
     except (BundleError, StorageError, ValueError) as e:
         facts.error = str(e)
     return facts
@@ -231,12 +284,13 @@ def read_model_facts(uri: str | None, storage_options: StorageOptions | None) ->
 
 @dataclass
 class _Column:
-    """Per score column: its fitter and what pass 1 and the flag pass count."""
+    """Per score column: its fitter (None: shown, not thresholded) and what pass 1 and the flag pass count."""
 
     name: str
     direction: Direction
     explicit: bool
-    fitter: ThresholdFitter
+    fitter: ThresholdFitter | None
+    moments: Moments = field(default_factory=Moments)
     sample: LabelledSample = field(default_factory=LabelledSample)
     n_missing: int = 0  # ok rows where the score is null/NaN
     threshold: Threshold | None = None
@@ -250,31 +304,21 @@ def reduce(cfg: ReduceConfig) -> dict[str, Any]:
     """Run the reducer; writes the outputs under ``cfg.out`` and returns the summary."""
     so = cfg.storage_options
     run = RunResults(cfg.results, so, cfg.batch_size)
-    default_rule, explicit, audit = cfg.parsed_rules()
+    rules = cfg.parsed_rules()
     log(f"{len(run.parts)} part files, {run.num_rows} rows, run {run.run.get('run_id')}")
 
-    missing = [s for s, r in explicit.items() if r is not None and s not in run.columns]
+    missing = [s for s, r in rules.explicit.items() if r is not None and s not in run.columns]
     if missing:
         raise ValueError(f"Score column(s) {missing} missing from the results at {cfg.results}.")
-    rules: dict[str, tuple[Rule, bool]] = {
-        s: (default_rule, False) for s in SCORE_DIRECTIONS if s in run.columns and s not in explicit
-    }
-    rules.update({s: (r, True) for s, r in explicit.items() if r is not None})
     model_uri = cfg.calibration or run.run.get("model_uri")
     facts = read_model_facts(model_uri, so)
-    if any(r.kind == "calibrated" for r, _ in rules.values()) and facts.error:
+    plan, shown = _plan_columns(rules, run, facts)
+    if any(r.kind == "calibrated" for r, _ in plan.values()) and facts.error:
         raise ValueError(f"Rule calibrated needs the model bundle's calibration, but {facts.error}.")
 
     columns: dict[str, _Column] = {}
     skipped: dict[str, str] = {}
-    for s, (rule, is_explicit) in rules.items():
-        if s == "cam_prob" and not is_explicit and facts.cam_anomaly_class is not None:
-            # a confident "anomaly" prediction has a high cam_prob: low cam_prob is the wrong side here
-            skipped[s] = (
-                f"the CAM has an anomaly class ({facts.cam_anomaly_class}): cam_anomaly is its score, "
-                "and a confident anomaly has a high cam_prob"
-            )
-            continue
+    for s, (rule, is_explicit) in plan.items():
         if rule.kind == "calibrated" and not is_explicit and not facts.calibration.get(s, {}).get("n"):
             skipped[s] = f"no calibration for this score in {model_uri} (its detector is absent or does not produce it)"
             continue
@@ -288,34 +332,71 @@ def reduce(cfg: ReduceConfig) -> dict[str, Any]:
             max_values=cfg.max_values,
         )
         columns[s] = _Column(s, SCORE_DIRECTIONS[s], is_explicit, fitter)
+    for s in shown:
+        columns.setdefault(s, _Column(s, SCORE_DIRECTIONS[s], False, None))
 
-    mismatch_on = audit and {"cam_pred", "label"} <= run.columns
+    mismatch_on = rules.audit and {"cam_pred", "label"} <= run.columns
     stats = _RunStats()
     extra = ["shard", "error", "label", "model_version", "run_id", *(["cam_pred"] if mismatch_on else [])]
     first_pass(
         run,
-        {n: c.fitter for n, c in columns.items()},
+        _fitters(columns),
         on_batch=lambda batch, ok, values, codes: _count(stats, columns, batch, ok, values, codes, mismatch_on),
-        columns=extra,
+        columns=[*extra, *(n for n, c in columns.items() if c.fitter is None)],
         anomaly_label=cfg.anomaly_label,
     )
     _check_one_model(stats, run)
     for c in list(columns.values()):
-        if c.fitter.moments.n == 0:
+        if c.moments.n == 0:
             if c.explicit:
                 raise ThresholdError(
                     f"{c.name}: score column missing from the results (no valid value in {run.num_rows} rows)."
                 )
-            skipped[c.name] = "no valid scores in this run (its detector is absent or does not produce it)"
+            if c.fitter is not None:
+                skipped[c.name] = "no valid scores in this run (its detector is absent or does not produce it)"
             del columns[c.name]
-    thresholds = finish_thresholds(run, {n: c.fitter for n, c in columns.items()})
+    thresholds = finish_thresholds(run, _fitters(columns))
     for name, c in columns.items():
-        c.threshold = thresholds[name]
-        log(f"{name}: {c.threshold.rule} -> {c.threshold.value:.6g} ({c.direction} is anomalous, n={c.threshold.n})")
+        if name in thresholds:
+            t = c.threshold = thresholds[name]
+            log(f"{name}: {t.rule} -> {t.value:.6g} ({c.direction} is anomalous, n={t.n})")
 
     mismatch = _mismatch_classes(facts, stats, mismatch_on)
     flagged = _flag_pass(run, columns, cfg, mismatch, stats)
     return _write_outputs(cfg, run, columns, flagged, stats, skipped, mismatch, facts)
+
+
+def _plan_columns(rules: Rules, run: RunResults, facts: ModelFacts) -> tuple[dict[str, tuple[Rule, bool]], list[str]]:
+    """(score -> (its rule, given explicitly), the meaningful scores shown without a threshold).
+
+    The meaningful scores are what the bundle's detectors declare; for a bundle that
+    predates the declaration, every score column the results hold.
+    """
+    present = [s for s in SCORE_DIRECTIONS if s in run.columns and s != FUSED]
+    if facts.anomaly_columns is not None:
+        meaningful = [s for s in facts.anomaly_columns if s in run.columns]
+    else:
+        meaningful = present
+    fused = not run.all_null(FUSED)
+    plan: dict[str, tuple[Rule, bool]] = {}
+    if fused:
+        plan[FUSED] = (rules.default, False)
+        if rules.each is not None:
+            plan.update({s: (rules.each, False) for s in meaningful})
+    else:
+        log(f"results without {FUSED} (scored before imgscan had it): every score gets the default rule")
+        plan.update({s: (rules.each or rules.default, False) for s in meaningful})
+    for s, r in rules.explicit.items():
+        if r is None:
+            plan.pop(s, None)
+        else:
+            plan[s] = (r, True)
+    shown = [s for s in meaningful if s not in plan and rules.explicit.get(s, "on") is not None]
+    return plan, shown
+
+
+def _fitters(columns: Mapping[str, _Column]) -> dict[str, ThresholdFitter]:
+    return {n: c.fitter for n, c in columns.items() if c.fitter is not None}
 
 
 @dataclass
@@ -424,9 +505,11 @@ def _count(
     if mismatch_on:
         st.predictions.update(str(p) for p in pc.unique(batch.column("cam_pred").drop_null()).to_pylist())
     for c in columns.values():
-        valid = ok & np.isfinite(values[c.name])
+        v = values[c.name] if c.name in values else score_values(batch, c.name)
+        valid = ok & np.isfinite(v)
         c.n_missing += int(ok.sum() - valid.sum())
-        c.sample.feed(values[c.name][valid], codes[valid])
+        c.moments.update(v[valid])
+        c.sample.feed(v[valid], codes[valid])
 
 
 def _check_one_model(st: _RunStats, run: RunResults) -> None:
@@ -463,9 +546,10 @@ def _flag_pass(
     run: RunResults, columns: dict[str, _Column], cfg: ReduceConfig, mismatch: _Mismatch | None, st: _RunStats
 ) -> pa.Table:
     for c in columns.values():
-        t, m = c.threshold, c.fitter.moments
-        assert t is not None
-        lo, hi = min(m.min, t.value), max(m.max, t.value)
+        m = c.moments
+        lo, hi = m.min, m.max
+        if c.threshold is not None:
+            lo, hi = min(lo, c.threshold.value), max(hi, c.threshold.value)
         c.edges = np.linspace(lo, hi, HISTOGRAM_BINS + 1)
         c.counts = np.zeros(HISTOGRAM_BINS, np.int64)
     kept: list[pa.Table] = []
@@ -475,10 +559,12 @@ def _flag_pass(
         codes = _codes(batch, cfg.anomaly_label)
         fired: dict[str, np.ndarray] = {}
         for c in columns.values():
-            assert c.threshold is not None and c.edges is not None and c.counts is not None
+            assert c.edges is not None and c.counts is not None
             v = score_values(batch, c.name)
             valid = ok & np.isfinite(v)
             c.counts += np.histogram(v[valid], bins=c.edges)[0]
+            if c.threshold is None:
+                continue
             f = valid & c.threshold.beyond(v)
             fired[c.name] = f
             c.flagged += int(f.sum())
@@ -517,7 +603,8 @@ def _rank(flagged: pa.Table, columns: Mapping[str, _Column], mismatch: _Mismatch
     n = flagged.num_rows
     names = flagged.column("rules").to_pylist()
     per_score: list[np.ndarray] = []
-    for c in columns.values():
+    thresholded = [c for c in columns.values() if c.threshold is not None]
+    for c in thresholded:
         assert c.threshold is not None
         fired = np.array([f"{c.name}={c.threshold.rule}" in r for r in names], dtype=bool)
         v = np.asarray(flagged.column(c.name).to_numpy(zero_copy_only=False), dtype=np.float64)
@@ -527,7 +614,7 @@ def _rank(flagged: pa.Table, columns: Mapping[str, _Column], mismatch: _Mismatch
         fired = np.array([MISMATCH in r for r in names], dtype=bool)
         prob = np.nan_to_num(np.asarray(flagged.column("cam_prob").to_numpy(zero_copy_only=False), np.float64))
         per_score.append(_ranks(-prob, fired))
-    keys = [c.name for c in columns.values()] + ([MISMATCH] if mismatch is not None else [])
+    keys = [c.name for c in thresholded] + ([MISMATCH] if mismatch is not None else [])
     big = np.iinfo(np.int64).max
     best = np.min(np.stack([np.where(r > 0, r, big) for r in per_score]), axis=0) if per_score else np.zeros(n)
     n_rules = np.array([len(r) for r in names], np.int64)
@@ -582,11 +669,17 @@ def _write_outputs(
         }
     per_score: dict[str, Any] = {}
     for name, c in columns.items():
-        entry: dict[str, Any] = {"flagged": c.flagged, "scored": c.fitter.moments.n, "missing": c.n_missing}
+        entry: dict[str, Any] = {
+            "rule": c.threshold.rule if c.threshold is not None else None,
+            "flagged": c.flagged if c.threshold is not None else None,
+            "scored": c.moments.n,
+            "missing": c.n_missing,
+        }
         auc = c.sample.metrics(c.direction)
         if auc is not None:
             entry.update(auc)
-            entry.update(c.confusion.to_json())
+            if c.threshold is not None:
+                entry.update(c.confusion.to_json())
         per_score[name] = entry
     n_errors = st.status.get("error", 0)
     summary: dict[str, Any] = {
@@ -604,10 +697,11 @@ def _write_outputs(
         "errors_per_shard": {s: {"rows": st.shard_rows[s], "errors": n} for s, n in st.shard_errors.most_common()},
         "flagged": {
             "overall": flagged.num_rows,
-            "per_score": {name: c.flagged for name, c in columns.items()}
+            "per_score": {name: c.flagged for name, c in columns.items() if c.threshold is not None}
             | ({MISMATCH: st.mismatch_flagged} if mismatch else {}),
         },
         "scores": per_score,
+        "anomaly_columns": facts.anomaly_columns,
         "labels": {"anomaly_label": cfg.anomaly_label, "labelled": st.n_labelled, "anomalies": st.n_anomalies},
         "skipped_scores": dict(skipped),
     }

@@ -10,10 +10,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "reduce",
-        help="global thresholds per score over a run's results; flags, summary and an HTML report",
-        description="Read every Parquet part of a run, fit one threshold per score (exactly, in bounded memory), "
-        "flag the images beyond it and write thresholds.json, flagged.parquet, summary.json and report.html "
-        "under REPORT_URI.",
+        help="global thresholds over a run's results (anomaly_score by default); flags, summary, HTML report",
+        description="Read every Parquet part of a run, fit a global threshold on anomaly_score and on every score "
+        "a --rule names (exactly, in bounded memory), flag the images beyond it and write thresholds.json, "
+        "flagged.parquet, summary.json and report.html under REPORT_URI.",
     )
     p.add_argument("--results", required=True, metavar="RESULTS_URI", help="the run: _run.json and parts/*.parquet")
     p.add_argument("--out", required=True, metavar="REPORT_URI", help="where the outputs go")
@@ -33,9 +33,10 @@ def add_rule_flags(p: argparse.ArgumentParser, default: str = "quantile") -> Non
         default=[],
         metavar="SCORE=RULE",
         help="threshold rule of a score: quantile[:Q] (Q=0.999), sigma[:K] (3), iqr[:K] (1.5), "
-        "calibrated[:Q] (0.999, from the bundle's normal training scores), f1 (best F1 against known "
-        f"anomalies) or off; default {default}; a bare RULE sets the rule of every score; cam_mismatch=off "
-        "turns the label audit off. Repeatable.",
+        "calibrated[:Q] (0.999, from the bundle's normal training scores; 3.0 for anomaly_score), f1 (best F1 "
+        f"against known anomalies) or off. By default only anomaly_score is thresholded, with {default}; a bare "
+        "RULE replaces that default; each=RULE thresholds every score the detectors declare meaningful too; "
+        "cam_mismatch=off turns the label audit off. Repeatable.",
     )
     p.add_argument(
         "--anomaly-label", default="anomaly", metavar="X", help="label of known anomalies (default 'anomaly')"
@@ -66,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     )
     for score, m in summary["scores"].items():
         if "roc_auc" in m:
-            print(f"  {score}: ROC AUC {m['roc_auc']:.3f}, PR AUC {m['pr_auc']:.3f}, F1 {m['f1']:.3f}")
+            f1 = f", F1 {m['f1']:.3f}" if "f1" in m else " (not thresholded)"
+            print(f"  {score}: ROC AUC {m['roc_auc']:.3f}, PR AUC {m['pr_auc']:.3f}{f1}")
     if summary.get("report"):
         print(f"report: {summary['report']}")
     return 0

@@ -23,11 +23,13 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from detectors.columns import ANOMALY_SCORE
 from jobs.fetch import Fetched, fetch_images
 from jobs.storage import StorageError, StorageOptions, join, read_bytes, write_bytes
 
 CAM_OPACITY = 0.35
 DISPLAY_SIZE = 128  # px, longer side of a gallery image
+FUSED = ANOMALY_SCORE.name
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ def render_report(inp: ReportInput, storage_options: StorageOptions | None = Non
         f"<h1>{_e(title)}</h1>",
         f"<p class=meta>model {_e(s.get('model_version'))} &middot; results {_e(s.get('results'))} "
         f"&middot; {_e(s.get('created_at'))}</p>",
+        _lead_section(s, inp.thresholds),
         _counts_section(s),
         _thresholds_section(inp.thresholds, s),
         _histograms_section(inp.histograms, inp.thresholds),
@@ -76,7 +79,7 @@ th{background:#f4f4f4}td.l,th.l{text-align:left}.meta{color:#666;font-size:13px}
 .card figcaption{color:#666}.card img{image-rendering:pixelated;border:1px solid #eee}
 .missing{width:128px;height:128px;display:flex;align-items:center;justify-content:center;
 background:#fafafa;color:#a00;border:1px dashed #caa;font-size:11px;padding:4px;box-sizing:border-box}
-.id{word-break:break-all;color:#444}
+.id{word-break:break-all;color:#444}.lead{font-size:16px}
 """
 
 
@@ -101,6 +104,23 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{th}</tr>{trs}</table>"
 
 
+def _lead_section(s: Mapping[str, Any], t: Mapping[str, Any]) -> str:
+    """What the run found by the one score a person should read first: ``anomaly_score``."""
+    th = t.get("thresholds", {}).get(FUSED)
+    if th is None:
+        return ""
+    flagged = s.get("flagged", {}).get("per_score", {}).get(FUSED)
+    m = s.get("scores", {}).get(FUSED, {})
+    auc = f"; ROC AUC against known anomalies {m['roc_auc']:.3f}" if "roc_auc" in m else ""
+    used = s.get("anomaly_columns") or []
+    return (
+        f"<p class=lead><b>{_e(flagged)}</b> of {_e(s.get('scored'))} scored images have "
+        f"{FUSED} &ge; {th['value']:.3g} ({_e(th['rule'])}){_e(auc)}.</p>"
+        f"<p class=meta>{FUSED} = &minus;log10 of the combined tail probability of {_e(', '.join(used))} "
+        "against the bundle's held-out normal images: 3 means one normal image in 1,000 scores as high.</p>"
+    )
+
+
 def _counts_section(s: Mapping[str, Any]) -> str:
     fl = s.get("flagged", {})
     rows = [
@@ -121,7 +141,16 @@ def _counts_section(s: Mapping[str, Any]) -> str:
         out += _table(
             ["score", "ROC AUC", "PR AUC", "F1", "precision", "recall", "TP", "FP", "FN", "TN"],
             [
-                [k, v["roc_auc"], v["pr_auc"], v["f1"], v["precision"], v["recall"], *v["confusion"].values()]
+                [
+                    k,
+                    v["roc_auc"],
+                    v["pr_auc"],
+                    *(
+                        [v["f1"], v["precision"], v["recall"], *v["confusion"].values()]
+                        if "confusion" in v
+                        else ["not thresholded", "", "", "", "", "", ""]
+                    ),
+                ]
                 for k, v in metrics
             ],
         )
@@ -153,19 +182,24 @@ def _thresholds_section(t: Mapping[str, Any], s: Mapping[str, Any]) -> str:
 
 def _histograms_section(hists: Mapping[str, tuple[np.ndarray, np.ndarray]], t: Mapping[str, Any]) -> str:
     if not hists:
-        return "<h2>Score histograms</h2><p>No score was thresholded.</p>"
+        return "<h2>Score histograms</h2><p>No score to show.</p>"
+    from jobs.schema import SCORE_DIRECTIONS
+
     plt = _pyplot()
     imgs = []
     for score, (edges, counts) in hists.items():
-        th = t["thresholds"][score]
+        th = t["thresholds"].get(score)
         fig, ax = plt.subplots(figsize=(4.6, 2.8))
         ax.stairs(counts, edges, fill=True, color="#4a7fb5", alpha=0.85)
-        ax.axvline(th["value"], color="#d62728", linestyle="--", linewidth=2, label=f"{th['rule']} = {th['value']:.4g}")
+        if th is not None:
+            label = f"{th['rule']} = {th['value']:.4g}"
+            ax.axvline(th["value"], color="#d62728", linestyle="--", linewidth=2, label=label)
+            ax.legend(fontsize=8)
         if counts.max(initial=0) > 50:
             ax.set_yscale("log")
-        ax.set_title(f"{score} ({th['direction']} is anomalous)", fontsize=10)
+        note = "" if th is not None else ", not thresholded"
+        ax.set_title(f"{score} ({SCORE_DIRECTIONS[score]} is anomalous{note})", fontsize=10)
         ax.set_ylabel("images")
-        ax.legend(fontsize=8)
         imgs.append(figure_img(fig, f"histogram of {score}"))
     return "<h2>Score histograms</h2><div class=hists>" + "".join(imgs) + "</div>"
 
@@ -180,7 +214,7 @@ def _gallery_section(inp: ReportInput, storage_options: StorageOptions | None) -
     cards = []
     for r in rows:
         f = fetched.get(r["image_id"]) or Fetched(r["image_id"], None, "not fetched")
-        cards.append(_card(r, f, ae, ae_note, inp.thresholds))
+        cards.append(_card(r, f, ae, ae_note, list(inp.summary.get("scores", {}))))
     return (
         f"<h2>Top flagged images ({top.num_rows})</h2>"
         "<p class=meta>original &middot; autoencoder reconstruction &middot; CAM heat map over the image "
@@ -188,7 +222,7 @@ def _gallery_section(inp: ReportInput, storage_options: StorageOptions | None) -
     )
 
 
-def _card(r: Mapping[str, Any], f: Fetched, ae: Any, ae_note: str, t: Mapping[str, Any]) -> str:
+def _card(r: Mapping[str, Any], f: Fetched, ae: Any, ae_note: str, shown: list[str]) -> str:
     figs = []
     if f.pixels is None:
         figs.append(_missing("original", f"image not available: {f.error}"))
@@ -204,9 +238,7 @@ def _card(r: Mapping[str, Any], f: Fetched, ae: Any, ae_note: str, t: Mapping[st
         if cam:
             overlay, why = cam_overlay(f.pixels, np.asarray(cam, np.float32))
             figs.append(_figure("CAM", overlay) if overlay is not None else _missing("CAM", why))
-    scores = ", ".join(
-        f"{k} {r[k]:.4g}" for k in t.get("thresholds", {}) if isinstance(r.get(k), int | float) and r[k] is not None
-    )
+    scores = ", ".join(f"{k} {r[k]:.4g}" for k in shown if isinstance(r.get(k), int | float) and r[k] is not None)
     extra = f" &middot; predicted {_e(r.get('cam_pred'))}" if r.get("cam_pred") is not None else ""
     return (
         f"<div class=card><b>#{r['rank']}</b> label {_e(r.get('label'))}{extra}<div class=imgs>{''.join(figs)}</div>"

@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 
 from detectors.base import Direction
-from detectors.columns import COLUMNS
+from detectors.columns import ANOMALY_SCORE, COLUMNS
 
 _ARROW_TYPES: dict[str, pa.DataType] = {
     "float32": pa.float32(),
@@ -46,28 +46,27 @@ TRAILER = pa.schema(
 
 
 def _score_fields() -> list[pa.Field]:
-    fields = []
-    for detector, columns in COLUMNS.items():
-        for col in columns:
-            fields.append(
-                pa.field(
-                    col.name,
-                    _ARROW_TYPES[col.dtype],
-                    metadata={
-                        "detector": detector,
-                        "direction": col.direction or "",
-                        "description": col.description,
-                    },
-                )
-            )
-    return fields
+    """The fused ``anomaly_score`` first (what a reader should look at), then each detector's columns."""
+    groups = [("fusion", (ANOMALY_SCORE,)), *COLUMNS.items()]
+    return [
+        pa.field(
+            col.name,
+            _ARROW_TYPES[col.dtype],
+            metadata={"detector": detector, "direction": col.direction or "", "description": col.description},
+        )
+        for detector, columns in groups
+        for col in columns
+    ]
 
 
 RESULT_SCHEMA: pa.Schema = pa.schema([*BOOKKEEPING, *_score_fields(), *TRAILER])
 
 #: score column -> the side that is anomalous ("high" or "low")
 SCORE_DIRECTIONS: dict[str, Direction] = {
-    col.name: col.direction for columns in COLUMNS.values() for col in columns if col.direction is not None
+    col.name: col.direction
+    for columns in ((ANOMALY_SCORE,), *COLUMNS.values())
+    for col in columns
+    if col.direction is not None
 }
 
 

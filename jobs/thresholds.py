@@ -31,11 +31,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-Direction = Literal["high", "low"]
+from detectors.base import Direction
 
 RULE_KINDS = ("quantile", "sigma", "iqr", "calibrated", "f1")
 DEFAULT_PARAMS: dict[str, float | None] = {

@@ -189,35 +189,63 @@ def test_summary_metrics_against_known_anomalies(tmp_path: Any) -> None:
 
 
 def _fake_bundle(
-    root: str, calibration: dict[str, Any], classes: list[str] | None, cam_params: dict[str, Any] | None = None
+    root: str,
+    calibration: dict[str, Any],
+    classes: list[str] | None,
+    cam_params: dict[str, Any] | None = None,
+    declared: dict[str, list[str]] | None = None,
 ) -> str:
-    """bundle.json and meta.json files only: what the reducer reads of a bundle (no Keras)."""
+    """bundle.json and meta.json files only: what the reducer reads of a bundle (no Keras).
+    ``declared``: detector -> its anomaly columns (None: a bundle from before the declaration)."""
     detectors = {"autoencoder": ["meta.json"]} | ({"cam": ["meta.json"]} if classes else {})
     write_json(join(root, "bundle.json"), {"format": 1, "version": "v1", "detectors": detectors})
-    write_json(join(root, "autoencoder", "meta.json"), {"detector": "autoencoder", "calibration": calibration})
+    metas: dict[str, dict[str, Any]] = {"autoencoder": {"detector": "autoencoder", "calibration": calibration}}
     if classes:
-        cam_meta = {"detector": "cam", "classes": classes, "params": cam_params or {}, "calibration": {}}
-        write_json(join(root, "cam", "meta.json"), cam_meta)
+        metas["cam"] = {"detector": "cam", "classes": classes, "params": cam_params or {}, "calibration": {}}
+    for name, meta in metas.items():
+        if declared is not None:
+            meta["anomaly_columns"] = declared[name]
+        write_json(join(root, name, "meta.json"), meta)
     return root
 
 
-@pytest.mark.parametrize(
-    ("classes", "params"),
-    [(["0", "__defect__"], {"anomaly_class": None}), (["0", "1", "anomaly"], {"anomaly_class": "anomaly"})],
-)
-def test_cam_prob_is_no_default_score_when_the_cam_has_an_anomaly_class(
-    tmp_path: Any, classes: list[str], params: dict[str, Any]
-) -> None:
-    """There a confident anomaly has a high cam_prob: thresholding its low side would miss
-    exactly the anomalies, so only cam_anomaly counts, unless the user asks for cam_prob."""
-    model = _fake_bundle(str(tmp_path / "model"), {}, classes, params)
-    results = write_run(str(tmp_path / "results"), [make_rows(1200)], model_uri=model)
-    reduce(ReduceConfig(results, str(tmp_path / "out"), report=False))
-    th = read_json(join(str(tmp_path / "out"), "thresholds.json"))
-    assert "cam_prob" not in th["thresholds"] and set(th["thresholds"]) == {"recon_error", "gmm_loglik"}
-    assert "the CAM has an anomaly class" in th["skipped"]["cam_prob"]
-    reduce(ReduceConfig(results, str(tmp_path / "out2"), rules=("cam_prob=quantile:0.99",), report=False))
-    assert "cam_prob" in read_json(join(str(tmp_path / "out2"), "thresholds.json"))["thresholds"]
+def test_default_flags_on_anomaly_score_and_shows_what_the_detectors_declare(tmp_path: Any) -> None:
+    """The fused score is thresholded by default; the declared scores are shown (histogram,
+    ROC AUC) without flags; a score no detector declares (cam_prob of a CAM with an anomaly
+    class, where a confident anomaly has a HIGH cam_prob) is neither, unless a rule names it."""
+    rng = np.random.default_rng(3)
+    rows = make_rows(2000, n_errors=5)
+    for r in rows:  # by construction -log10 of a uniform p for normals; far out for the known anomalies
+        r["anomaly_score"] = float(-np.log10(rng.uniform())) + (6.0 if r["label"] == "anomaly" else 0.0)
+        r["cam_anomaly"] = float(rng.uniform())
+    normal = rng.gamma(2.0, 0.01, size=1000)
+    declared = {"autoencoder": ["recon_error"], "cam": ["cam_anomaly"]}
+    model = _fake_bundle(
+        str(tmp_path / "model"), {"recon_error": calibration_stats(normal)}, ["0", "__defect__"], declared=declared
+    )
+    results = write_run(str(tmp_path / "results"), split(rows, 3), model_uri=model)
+    out = str(tmp_path / "out")
+    s = reduce(ReduceConfig(results, out, rules=("calibrated", "cam_mismatch=off"), report=False))
+    th = read_json(join(out, "thresholds.json"))
+    assert list(th["thresholds"]) == ["anomaly_score"] and th["thresholds"]["anomaly_score"]["value"] == 3.0
+    assert list(s["scores"]) == ["anomaly_score", "recon_error", "cam_anomaly"]  # declared only: no cam_prob
+    assert s["scores"]["recon_error"]["rule"] is None and s["scores"]["recon_error"]["flagged"] is None
+    assert s["scores"]["recon_error"]["roc_auc"] > 0.9 and s["scores"]["anomaly_score"]["roc_auc"] == 1.0
+    expected = {r["image_id"] for r in rows if r["status"] == "ok" and r["anomaly_score"] > 3.0}
+    assert flagged_ids(out, "anomaly_score") == expected and s["flagged"]["overall"] == len(expected)
+    assert s["anomaly_columns"] == ["recon_error", "cam_anomaly"]
+
+    # each=RULE: every declared score flags on its own too; cam_prob only when named
+    out2 = str(tmp_path / "out2")
+    reduce(ReduceConfig(results, out2, rules=("calibrated", "each=quantile:0.99", "cam_mismatch=off"), report=False))
+    assert set(read_json(join(out2, "thresholds.json"))["thresholds"]) == {
+        "anomaly_score",
+        "recon_error",
+        "cam_anomaly",
+    }
+    out3 = str(tmp_path / "out3")
+    reduce(ReduceConfig(results, out3, rules=("cam_prob=quantile:0.99", "anomaly_score=off"), report=False))
+    assert set(read_json(join(out3, "thresholds.json"))["thresholds"]) == {"cam_prob"}
 
 
 def test_calibrated_rule_and_label_audit_use_the_bundle(tmp_path: Any) -> None:

@@ -101,8 +101,10 @@ def test_every_input_is_counted_and_errors_are_per_shard(reduced: dict[str, Any]
     s = reduced["summary"]
     assert s["rows"] == reduced["n"] == 135 and s["errors"] == 3 and s["scored"] == 132
     assert sum(v["errors"] for v in s["errors_per_shard"].values()) == 3
-    # cam_anomaly: no anomaly class in this model; cam_prob: low confidence
-    assert set(s["scores"]) == {"recon_error", "recon_local", "cam_prob"}
+    # what the detectors declare: cam_anomaly means nothing without an anomaly class; cam_prob is low confidence
+    assert list(s["scores"]) == ["anomaly_score", "recon_error", "recon_local", "cam_prob"]
+    # the default flags on the fused score (and the label audit), not on each score
+    assert list(s["flagged"]["per_score"]) == ["anomaly_score", "cam_mismatch"]
     assert s["labels"]["anomalies"] == 12
     assert 0.0 <= s["scores"]["recon_error"]["roc_auc"] <= 1.0
 
@@ -114,6 +116,10 @@ def test_report_is_one_self_contained_file(reduced: dict[str, Any]) -> None:
     assert "http://" not in html and "https://" not in html and "<script" not in html
     alts = [a for a, _ in srcs]
     assert alts.count("histogram of recon_error") == 1 and alts.count("histogram of recon_local") == 1
+    assert alts.count("histogram of anomaly_score") == 1
+    # it leads with the fused score: its flags, before any table
+    lead = html.index("<p class=lead>")
+    assert lead < html.index("<table>") and "anomaly_score &ge; " in html[lead : lead + 300]
     # 8 gallery cards: original, reconstruction and CAM overlay of each
     assert alts.count("original") == alts.count("reconstruction") == alts.count("CAM") == 8
     for alt, src in srcs:
