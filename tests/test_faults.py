@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: longer than the 10 s outage, short enough for the "down for good" test
 RETRY_S = 20
 OUTAGE_S = 10.0
+#: seconds the store answers between two outages of the soak test
+UP_S = 15.0
 
 
 class FlakyProxy:
@@ -312,7 +314,11 @@ def test_a_killed_reducer_leaves_no_half_written_output_and_its_rerun_is_the_sam
 def test_soak_repeated_outages_over_a_bigger_archive(
     local_ray: None, bundle_uri: str, flaky_s3: dict[str, Any], tmp_path: Path
 ) -> None:
-    """Outages of OUTAGE_S, again and again (up to 5) while 600 images in 60 shards are read."""
+    """Outages of OUTAGE_S, again and again (up to 5), UP_S apart, while 600 images in 60 shards
+    are read. UP_S is longer than the longest pause between retries (IO_RETRY_MAX_PAUSE_S): a
+    store back for less than that can be missed by a reader asleep in its backoff, and with
+    outages close enough together the retry budget runs out (the first soak run, 5 s apart,
+    failed so with the 20-s budget of this module)."""
     so, proxy = flaky_s3["storage_options"], flaky_s3["proxy"]
     n = _archive(flaky_s3["root"], so, 600, 10)
     cfg = ScoreConfig(
@@ -335,7 +341,7 @@ def test_soak_repeated_outages_over_a_bigger_archive(
             time.sleep(OUTAGE_S)
             proxy.restore()
             met.append(proxy.refused - before)
-            if done.wait(5.0):
+            if done.wait(UP_S):
                 return
 
     threading.Thread(target=outages, daemon=True).start()
