@@ -296,7 +296,8 @@ def test_no_credential_reaches_any_output_log_or_message_and_pages_stay_inert(
     assert main(["train", "--source", f"{root}/train", "--out", f"{root}/model", *common, *opts]) == 0
     score = ["--models", f"{root}/model", "--out", f"{root}/results", "--batch-size", "64", *opts]
     assert main(["score", "--source", f"{root}/scan", *score]) == 0
-    reduce = ["--results", f"{root}/results", "--out", f"{root}/report", "--rule", "quantile:0.5", "--rule", "each=quantile:0.5"]
+    rules = ["--rule", "quantile:0.5", "--rule", "each=quantile:0.5"]
+    reduce = ["--results", f"{root}/results", "--out", f"{root}/report", *rules]
     assert main(["reduce", *reduce, "--top-k", "40", *opts]) == 0
     # refusals that quote what they were given: a URI with credentials, a missing run, a bad bucket
     assert main(["score", "--source", f"s3://{key}:{secret}@{bucket}/scan", *score]) == 1
