@@ -9,13 +9,15 @@ from scipy import ndimage
 def box_mean(maps: np.ndarray, window: int) -> np.ndarray:
     """Mean over a ``window`` x ``window`` square around each pixel.
 
-    maps: float array (n, h, w) -> float32 (n, h, w). Borders are reflected so a
-    defect at the edge is not diluted by zeros.
+    maps: float array (n, h, w) -> float32 (n, h, w), or float64 when given float64
+    (log-likelihoods keep their digits). Borders are reflected so a defect at the
+    edge is not diluted by zeros.
     """
+    dtype = np.float64 if maps.dtype == np.float64 else np.float32
     if maps.size == 0:
-        return maps.astype(np.float32)
+        return maps.astype(dtype)
     w = max(1, min(int(window), maps.shape[1], maps.shape[2]))
-    return ndimage.uniform_filter(maps.astype(np.float32), size=(1, w, w), mode="reflect")
+    return ndimage.uniform_filter(maps.astype(dtype), size=(1, w, w), mode="reflect")
 
 
 def peak_location(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -106,7 +106,9 @@ class DriftMeter:
         out["ks"], out["ks_p"] = (None, None) if ks is None else ks
         out["drifted"] = bool(ks is not None and ks[0] >= DRIFT_KS and ks[1] < DRIFT_P)
         if ks is None and self.n:
-            out["note"] = "no calibration sample in the bundle (trained before imgscan stored one): no KS statistic"
+            out["note"] = self.calibration.get("no_ks") or (
+                "no calibration sample in the bundle (trained before imgscan stored one): no KS statistic"
+            )
         return out
 
 

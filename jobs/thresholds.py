@@ -544,7 +544,9 @@ class ThresholdFitter:
             )
         if cal.get("min") == cal.get("max"):
             raise ThresholdError(f"{where}: all {cal['n']} calibration scores are equal; no threshold.")
-        details = {"level": self.level, "calibration_mean": float(cal["mean"]), "calibration_std": float(cal["std"])}
+        details = {"level": self.level}
+        if "mean" in cal and "std" in cal:  # anomaly_score's calibration is its tail alone
+            details.update(calibration_mean=float(cal["mean"]), calibration_std=float(cal["std"]))
         return self._make(match[0], details, n=int(cal["n"]))
 
     def _make(self, value: float, details: dict[str, float], n: int | None = None) -> Threshold:

@@ -211,3 +211,25 @@ def test_smoothed_peak_prefers_the_hot_neighbourhood_over_one_hot_cell() -> None
     assert 8 / 16 <= sy[0] <= 12 / 16 and 4 / 16 <= sx[0] <= 8 / 16
     assert (sy[1], sx[1]) == ((11 + 0.5) / 16, (4 + 0.5) / 16)  # centre of the 5x5 region
     assert smoothed_peak(maps[:0], 4)[0].shape == (0,)
+
+
+def test_cam_defect_kinds_and_mixture_window_are_checked_before_training(digits16: Any) -> None:
+    images, _ = digits16
+    with pytest.raises(ValueError, match="defect_kinds among"):
+        CamDetector(input_size=16, defect_kinds=["crack"]).fit(images[:20])
+    with pytest.raises(ValueError, match="local_window >= 1"):
+        MixtureDetector(input_size=16, local_window=0).fit(images[:20])
+
+
+def test_random_flips_keep_every_image_one_of_its_four_flips() -> None:
+    from detectors.cam import random_flips
+
+    x = np.random.default_rng(0).integers(0, 256, size=(64, 8, 8, 1), dtype=np.uint8)
+    out = random_flips(x, np.random.default_rng(1))
+    seen = set()
+    for a, b in zip(x, out, strict=True):
+        variants = [a, a[:, ::-1], a[::-1], a[::-1, ::-1]]
+        hit = [i for i, v in enumerate(variants) if np.array_equal(v, b)]
+        assert hit, "an image that is not a flip of its input"
+        seen.add(hit[0])
+    assert seen == {0, 1, 2, 3}  # every flip happens
