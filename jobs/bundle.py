@@ -23,6 +23,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from detectors.columns import ANOMALY_SCORE
 from detectors.preprocessing import ImageBatch
 from jobs.storage import StorageError, StorageOptions, join, read_bytes, read_json, write_bytes, write_json
@@ -105,14 +107,26 @@ class ModelBundle:
         from detectors import DETECTORS
 
         manifest = read_manifest(uri, storage_options)
-        detectors: dict[str, BaseDetector] = {}
+        blobs: dict[str, dict[str, bytes]] = {}
         for name, fnames in manifest["detectors"].items():
             if name not in DETECTORS:
                 raise BundleError(f"Model bundle {uri} has unknown detector {name!r}; known: {list(DETECTORS)}.")
             try:
-                files = {f: read_bytes(join(uri, name, f), storage_options) for f in fnames}
+                blobs[name] = {f: read_bytes(join(uri, name, f), storage_options) for f in fnames}
+                for fname, data in blobs[name].items():
+                    _check_kind(fname, data)
+            except (StorageError, ValueError) as e:
+                raise BundleError(f"Model bundle {uri}: detector {name!r} cannot be loaded: {e}") from e
+        # the hash before any deserialising: files changed after the driver's check_bundle
+        # (or never checked) are refused here, in the actor, too
+        _check_version(
+            uri, manifest, {f"{n}/{f}": hashlib.sha256(d).digest() for n, fs in blobs.items() for f, d in fs.items()}
+        )
+        detectors: dict[str, BaseDetector] = {}
+        for name, files in blobs.items():
+            try:
                 detectors[name] = DETECTORS[name].from_files(files)
-            except (StorageError, ValueError, KeyError) as e:
+            except (ValueError, KeyError) as e:
                 raise BundleError(f"Model bundle {uri}: detector {name!r} cannot be loaded: {e}") from e
         return cls(
             detectors=detectors,
@@ -182,12 +196,33 @@ def check_bundle(uri: str, storage_options: StorageOptions | None = None) -> dic
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise BundleError(f"Model bundle {uri}: detector {name!r} cannot be loaded: {fname}: {reason}") from e
             digests[f"{name}/{fname}"] = hashlib.sha256(data).digest()
+    _check_version(uri, manifest, digests)
+    return manifest
+
+
+def _check_version(uri: str, manifest: Mapping[str, Any], digests: Mapping[str, bytes]) -> None:
+    """The files' hash (``bundle_version``) must be the version bundle.json names."""
     if bundle_version(digests) != manifest["version"]:
         raise BundleError(
             f"Model bundle {uri}: its files do not match version {manifest['version']} of bundle.json "
             "(a file was changed after training); restore the bundle or train a new one."
         )
-    return manifest
+
+
+#: the only kinds of file a bundle holds: each loads without running code
+SAFE_SUFFIXES = (".keras", ".skops", ".npy", ".json")
+#: the first bytes of a pickle (protocol 2 and up: 0x80, protocol number)
+PICKLE_MAGIC = tuple(bytes([0x80, p]) for p in range(2, 6))
+
+
+def _check_kind(fname: str, data: bytes) -> None:
+    """Refuse a file that is not one of the safe kinds, and anything that is a pickle
+    (loading a pickle runs code chosen by whoever wrote it)."""
+    low = fname.lower()
+    if low.endswith((".pkl", ".pickle", ".joblib", ".pt", ".pth", ".dill")) or data[:2] in PICKLE_MAGIC:
+        raise ValueError(f"{fname} is a pickle: loading it would run code, so bundles hold none")
+    if not low.endswith(SAFE_SUFFIXES):
+        raise ValueError(f"{fname} is not a kind of file a bundle holds (only {', '.join(SAFE_SUFFIXES)})")
 
 
 #: the weights file a ``.keras`` archive holds (Keras 3 saving format)
@@ -197,6 +232,7 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 def _check_file(detector: str, fname: str, data: bytes) -> None:
     """Raise (any exception) when one bundle file cannot be what its name says."""
+    _check_kind(fname, data)
     if fname == "meta.json":
         from detectors.base import BaseDetector  # numpy + json only
 
@@ -212,6 +248,10 @@ def _check_file(detector: str, fname: str, data: bytes) -> None:
         from detectors.base import sklearn_from_bytes  # scikit-learn + skops only
 
         sklearn_from_bytes(data)
+    elif fname.endswith(".npy"):
+        np.load(io.BytesIO(data), allow_pickle=False)  # an object array (a pickle inside) is refused
+    elif fname.endswith(".json"):
+        json.loads(data)
 
 
 def _check_keras(data: bytes) -> None:

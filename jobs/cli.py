@@ -44,9 +44,13 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except ValueError as e:
-        raise UsageError(f"--storage-options must be a JSON object: {e}") from e
+        # not the text: it may hold a key
+        raise UsageError(f"--storage-options must be a JSON object: {e.args[0].split(':')[0]}") from e
     if not isinstance(value, dict):
-        raise UsageError(f"--storage-options must be a JSON object. Received: {text!r}")
+        raise UsageError("--storage-options must be a JSON object.")
+    from jobs.storage import remember_secrets
+
+    remember_secrets(value)  # masked from here on in every message this process prints
     return value
 
 
@@ -79,17 +83,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     from jobs.errors import USER_ERRORS
+    from jobs.storage import redact
 
     try:
         args = build_parser().parse_args(argv)
         return int(args.run(args))
     except UsageError as e:
-        print(f"imgscan: error: {e}", file=sys.stderr)
+        print(f"imgscan: error: {redact(e)}", file=sys.stderr)
         return 2
     except USER_ERRORS as e:
         if os.environ.get("IMGSCAN_DEBUG"):
             raise  # the full traceback, for bug reports
-        print(f"imgscan: error: {e}", file=sys.stderr)
+        print(f"imgscan: error: {redact(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("imgscan: interrupted", file=sys.stderr)

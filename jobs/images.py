@@ -17,6 +17,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # A decompression bomb is refused above this many pixels (PIL's default is 89M
 # with only a warning below 2x that; we make any excess an error row).
 MAX_PIXELS = 64_000_000
+# PIL's own bomb check (2 x 89M pixels, an exception raised inside Image.open) would overrule
+# --max-pixels above it and word the refusal its own way: the limit is ours, checked below
+# from the header, before any pixel is decoded.
+Image.MAX_IMAGE_PIXELS = None
+#: an input file larger than this is refused unread (an image row with status "error"):
+#: the biggest camera raws and 16-bit TIFF scans are ~200 MB; an archive member of 10 GB
+#: must not be pulled into a decode task's memory
+MAX_BYTES = 256 * 1024 * 1024
 
 #: a JPEG decoded for a model of input size s keeps at least this many times s pixels on its
 #: short side: the antialiased resize that follows then averages over >= 2 source pixels per
@@ -38,15 +46,35 @@ class Decoded:
     error: str | None
 
 
+def check_limits(max_pixels: int, max_bytes: int) -> None:
+    """Refuse per-image limits that no image could meet (flags ``--max-pixels``/``--max-bytes``)."""
+    for flag, value in (("--max-pixels", max_pixels), ("--max-bytes", max_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{flag} must be a whole number >= 1. Received: {value!r}.")
+
+
+def too_large(n_bytes: int | None, max_bytes: int) -> str:
+    """The reason of an input refused for its size in bytes (None: not read to its end)."""
+    if n_bytes is None:
+        return f"file too large: over the limit of {max_bytes} bytes (--max-bytes)"
+    return f"file too large: {n_bytes} bytes exceeds the limit of {max_bytes} bytes (--max-bytes)"
+
+
 def decode_image(
-    data: bytes | None, *, max_pixels: int = MAX_PIXELS, min_size: int | None = None, gray: bool = False
+    data: bytes | None,
+    *,
+    max_pixels: int = MAX_PIXELS,
+    max_bytes: int = MAX_BYTES,
+    min_size: int | None = None,
+    gray: bool = False,
 ) -> Decoded:
     """Bytes of any format PIL opens -> uint8 pixels, EXIF orientation applied.
 
     Gray, RGB, RGBA (alpha dropped), palette, 16-bit, CMYK and the rest are
     converted to gray ("L") or RGB. Never raises for bad data: the reason is in
-    ``error`` (zero bytes, truncated, not an image, over ``max_pixels`` pixels;
-    the limit is checked on the size the header announces, before any decoding).
+    ``error`` (zero bytes, truncated, not an image, over ``max_bytes`` bytes, over
+    ``max_pixels`` pixels; that limit is checked on the size the header announces,
+    before any decoding).
 
     ``min_size``: a JPEG is decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that
     leaves at least ``min_size`` pixels on its short side (its pixels are then smaller
@@ -56,13 +84,17 @@ def decode_image(
     """
     if data is None or len(data) == 0:
         return Decoded(None, None, None, "empty file (0 bytes)")
+    if len(data) > max_bytes:
+        return Decoded(None, None, None, too_large(len(data), max_bytes))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as opened:
                 w, h = opened.size  # from the header: nothing is decoded yet
                 if w * h > max_pixels:
-                    return Decoded(None, w, h, f"image too large: {w}x{h} pixels exceeds the limit of {max_pixels}")
+                    return Decoded(
+                        None, w, h, f"image too large: {w}x{h} pixels exceeds the limit of {max_pixels} (--max-pixels)"
+                    )
                 if min_size is not None and opened.format == "JPEG":
                     # draft asks for the smallest scale whose size is >= the size given, on both
                     # sides: a square request bounds the short side whatever the orientation

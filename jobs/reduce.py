@@ -36,7 +36,17 @@ import pyarrow.parquet as pq
 from detectors.columns import ANOMALY_SCORE, DEFECT_CLASS
 from jobs.reduce_metrics import Confusion, LabelledSample, label_codes
 from jobs.schema import SCORE_DIRECTIONS
-from jobs.storage import StorageError, StorageOptions, filesystem, join, list_files, read_json, write_bytes, write_json
+from jobs.storage import (
+    StorageError,
+    StorageOptions,
+    filesystem,
+    join,
+    list_files,
+    read_json,
+    redact,
+    write_bytes,
+    write_json,
+)
 from jobs.thresholds import MAX_VALUES, Direction, Moments, Rule, Threshold, ThresholdError, ThresholdFitter
 
 MISMATCH = "cam_mismatch"  # the label-audit rule: cam_pred != label
@@ -121,7 +131,7 @@ class Rules:
 
 
 def log(msg: str) -> None:
-    print(f"[imgscan reduce] {msg}", file=sys.stderr, flush=True)
+    print(f"[imgscan reduce] {redact(msg)}", file=sys.stderr, flush=True)
 
 
 # -- reading the run ---------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from jobs.storage import (
     read_bytes,
     read_json,
     read_parquet,
+    redact,
     remove,
     write_bytes,
     write_json,
@@ -111,7 +112,7 @@ def check_date(text: str) -> str:
 
 
 def log(msg: str) -> None:
-    print(f"[imgscan scan] {msg}", file=sys.stderr, flush=True)
+    print(f"[imgscan scan] {redact(msg)}", file=sys.stderr, flush=True)
 
 
 # -- where things live ---------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 
 from jobs.bundle import ModelBundle, check_bundle, read_manifest
-from jobs.images import MAX_PIXELS
+from jobs.images import MAX_BYTES, MAX_PIXELS, check_limits
 from jobs.ledger import (
     RunPlan,
     ShardAssembler,
@@ -41,7 +41,8 @@ from jobs.ledger import (
 from jobs.pool import PoolPlan, nodes_from_ray, plan_pool
 from jobs.ray_setup import connect, local_gpus
 from jobs.scoring import DECODE_CHUNK, decode_records, finish_part, score_table
-from jobs.sources import Shard, list_shards, read_shard
+from jobs.sources import Shard, TransientReadError, list_shards, read_shard
+from jobs.storage import StorageError, redact, remember_secrets
 
 #: seconds a Ray Data actor pool may wait for its actors to start before failing (Ray's
 #: default, -1, never gives up: an actor that fits nowhere must fail the job, not hang it)
@@ -82,7 +83,8 @@ class ScoreConfig:
     num_cpus: int | None = None  # in-process Ray only; None: every core
     storage_options: dict[str, Any] = field(default_factory=dict)
     decode_chunk: int = DECODE_CHUNK
-    max_pixels: int = MAX_PIXELS
+    max_pixels: int = MAX_PIXELS  # per image, from its header: more is an error row
+    max_bytes: int = MAX_BYTES  # per input file: a larger one is an error row, read no further
     progress_every_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -101,8 +103,10 @@ class ScoreConfig:
             raise ValueError(f"--num-cpus must be >= 1. Received: {self.num_cpus}.")
         if self.num_cpus is not None and self.ray_address is not None:
             raise ValueError("--num-cpus sizes the in-process Ray; a cluster (--address) has its own.")
-        if self.decode_chunk < 1 or self.max_pixels < 1:
-            raise ValueError("decode_chunk and max_pixels must be >= 1.")
+        if self.decode_chunk < 1:
+            raise ValueError(f"--decode-chunk must be >= 1. Received: {self.decode_chunk}.")
+        check_limits(self.max_pixels, self.max_bytes)
+        remember_secrets(self.storage_options)  # masked in every line this process prints
 
     @property
     def ray_address(self) -> str | None:
@@ -111,20 +115,33 @@ class ScoreConfig:
 
 
 def log(msg: str) -> None:
-    print(f"[imgscan score] {msg}", file=sys.stderr, flush=True)
+    print(f"[imgscan score] {redact(msg)}", file=sys.stderr, flush=True)
 
 
 # -- Ray layer: a decode function and a scoring actor ------------------------------------------------
 
 
 def decode_shards(
-    batch: pa.Table, *, size: int, channels: int, storage_options: dict[str, Any], chunk_rows: int, max_pixels: int
+    batch: pa.Table,
+    *,
+    size: int,
+    channels: int,
+    storage_options: dict[str, Any],
+    chunk_rows: int,
+    max_pixels: int,
+    max_bytes: int,
 ) -> Iterator[pa.Table]:
     """Ray Data UDF: manifest rows (one per call) -> decoded tables of their images."""
     for row in batch.to_pylist():
         shard = Shard.from_row(row)
         yield from decode_records(
-            read_shard(shard, storage_options), shard.uri, size, channels, chunk_rows=chunk_rows, max_pixels=max_pixels
+            read_shard(shard, storage_options, max_bytes=max_bytes),
+            shard.uri,
+            size,
+            channels,
+            chunk_rows=chunk_rows,
+            max_pixels=max_pixels,
+            max_bytes=max_bytes,
         )
 
 
@@ -255,9 +272,14 @@ def score_shards(cfg: ScoreConfig, shards: list[Shard]) -> dict[str, Any]:
             write_run(cfg.out, plan, so)
             written = True
             _run_pipeline(cfg, plan, pending, size, channels, progress)
-        except BaseException:
+        except BaseException as e:
             if written:  # a refusal before the run was written leaves nothing to resume
                 log(f"stopped after committing {progress.shards} shards; resume with --run-id {plan.run_id}")
+            transient = _transient_cause(e)
+            if transient is not None:  # Ray wraps it in a traceback of many lines: one line is enough
+                # (Ray Data appends its own retry advice to the message: the first line is ours)
+                first = str(transient).splitlines()[0]
+                raise StorageError(f"{first} (resume with --run-id {plan.run_id})") from e
             raise
         finally:
             if started:
@@ -277,6 +299,22 @@ def score_shards(cfg: ScoreConfig, shards: list[Shard]) -> dict[str, Any]:
         "seconds": round(seconds, 2),
         "images_per_s": round(progress.images / seconds, 1) if seconds > 0 else 0.0,
     }
+
+
+def _transient_cause(e: BaseException) -> TransientReadError | None:
+    """The ``TransientReadError`` of a decode task behind the exception Ray raised, if any
+    (Ray's wrapper is an instance of it too, with the remote traceback for its text)."""
+    seen: set[int] = set()
+    stack: list[Any] = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if type(x) is TransientReadError:
+            return x
+        stack += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    return None
 
 
 def summary_line(summary: dict[str, Any]) -> str:
@@ -351,6 +389,7 @@ def build_dataset(cfg: ScoreConfig, run_id: str, pending: list[Shard], size: int
             "storage_options": so,
             "chunk_rows": cfg.decode_chunk,
             "max_pixels": cfg.max_pixels,
+            "max_bytes": cfg.max_bytes,
         },
         num_cpus=decode_cpus,
     )

@@ -43,6 +43,15 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per model call (default 256)")
     p.add_argument("--num-cpus", type=int, metavar="N", help="CPUs of the in-process Ray (default: all cores)")
     p.add_argument("--decode-chunk", type=int, metavar="N", help="images per decoded block (default 256)")
+    p.add_argument(
+        "--max-pixels", type=int, metavar="N", help="larger images (from their header) are error rows (default 64M)"
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        metavar="N",
+        help="larger input files are error rows, not read (default 256 MiB)",
+    )
     add_storage_options(p)
 
 
@@ -62,6 +71,8 @@ def score_config(args: argparse.Namespace, run_id: str | None = None) -> ScoreCo
         batch_size=args.batch_size,
         num_cpus=args.num_cpus,
         **({"decode_chunk": args.decode_chunk} if args.decode_chunk is not None else {}),
+        **({"max_pixels": args.max_pixels} if args.max_pixels is not None else {}),
+        **({"max_bytes": args.max_bytes} if args.max_bytes is not None else {}),
         storage_options=parse_storage_options(args.storage_options),
     )
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from detectors.preprocessing import resize_uint8
 from jobs.bundle import ModelBundle
-from jobs.images import DRAFT_MARGIN, MAX_PIXELS, decode_image
+from jobs.images import DRAFT_MARGIN, MAX_BYTES, MAX_PIXELS, decode_image
 from jobs.schema import BOOKKEEPING, RESULT_SCHEMA, TRAILER
 from jobs.sources import Record
 
@@ -54,7 +54,9 @@ def decoded_schema(size: int, channels: int) -> pa.Schema:
     )
 
 
-def decode_record(rec: Record, size: int, channels: int, *, max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
+def decode_record(
+    rec: Record, size: int, channels: int, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES
+) -> dict[str, Any]:
     """One record -> {status, error, width, height, pixels}; pixels is uint8
     (size, size, channels) for status "ok", None for "error".
 
@@ -63,7 +65,9 @@ def decode_record(rec: Record, size: int, channels: int, *, max_pixels: int = MA
     """
     if rec.error is not None:
         return {"status": "error", "error": rec.error, "width": None, "height": None, "pixels": None}
-    dec = decode_image(rec.data, max_pixels=max_pixels, min_size=DRAFT_MARGIN * size, gray=channels == 1)
+    dec = decode_image(
+        rec.data, max_pixels=max_pixels, max_bytes=max_bytes, min_size=DRAFT_MARGIN * size, gray=channels == 1
+    )
     if dec.pixels is None:
         return {"status": "error", "error": dec.error, "width": dec.width, "height": dec.height, "pixels": None}
     try:
@@ -81,6 +85,7 @@ def decode_records(
     *,
     chunk_rows: int = DECODE_CHUNK,
     max_pixels: int = MAX_PIXELS,
+    max_bytes: int = MAX_BYTES,
 ) -> Iterator[pa.Table]:
     """The records of ONE shard -> tables of ``decoded_schema(size, channels)``
     with at most ``chunk_rows`` rows each, in record order.
@@ -97,7 +102,7 @@ def decode_records(
         if len(rows) == chunk_rows:  # more follow: this chunk does not end the shard
             yield _decoded_table(rows, schema, blank, -1)
             rows = []
-        d = decode_record(rec, size, channels, max_pixels=max_pixels)
+        d = decode_record(rec, size, channels, max_pixels=max_pixels, max_bytes=max_bytes)
         rows.append(
             {
                 "image_id": rec.image_id,

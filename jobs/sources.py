@@ -16,10 +16,16 @@ work, of commit and of resume -- before any cluster work starts;
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import io
 import json
+import os
 import posixpath
 import tarfile
+import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +33,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.storage import StorageOptions, filesystem, list_files, qualify, version_tag
+from jobs.images import MAX_BYTES, too_large
+from jobs.storage import StorageError, StorageOptions, filesystem, list_files, qualify, redact, version_tag
 
 IMAGE_EXTENSIONS = frozenset(
     {"png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp", "ppm", "pgm", "pbm", "pnm", "ico", "jp2"}
@@ -42,6 +49,96 @@ FILES_PER_SHARD = 1000
 
 class SourceError(ValueError):
     """The source cannot be used (missing, empty, unknown layout)."""
+
+
+class TransientReadError(StorageError):
+    """The store stopped answering while a shard was read, and kept silent for the whole
+    retry budget. Not bad data: the shard must stay uncommitted (to be read again on
+    resume), never become error rows."""
+
+
+#: seconds a read keeps retrying a store that does not answer before the shard fails with
+#: ``TransientReadError`` (env IMGSCAN_IO_RETRY_S overrides it, e.g. for tests)
+IO_RETRY_S = 120.0
+#: first pause between retries; doubled after each failure, up to IO_RETRY_MAX_PAUSE_S
+IO_RETRY_PAUSE_S = 0.5
+IO_RETRY_MAX_PAUSE_S = 8.0
+
+
+def io_retry_s() -> float:
+    return float(os.environ.get("IMGSCAN_IO_RETRY_S", IO_RETRY_S))
+
+
+#: errors that say something about the object itself (gone, forbidden), not the store's health:
+#: these are the object's result, never retried
+OBJECT_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError, IsADirectoryError)
+
+
+class _RetryingFile(io.RawIOBase):
+    """A read-only file of a store that reopens itself at the same offset when the store
+    stops answering, for up to ``io_retry_s()`` seconds in a row (then ``TransientReadError``).
+
+    ``fs.open`` files of object stores read over the network; a connection refused or reset
+    midway would otherwise surface inside tarfile or pyarrow as if the archive were corrupt.
+    """
+
+    def __init__(self, fs: Any, path: str, uri: str) -> None:
+        super().__init__()
+        self._fs, self._path, self._uri = fs, path, uri
+        self._pos = 0
+        self._f: Any = None
+        self._f = self._retry(lambda: fs.open(path, "rb"))
+
+    def _retry(self, op: Any) -> Any:
+        deadline, pause = time.monotonic() + io_retry_s(), IO_RETRY_PAUSE_S
+        while True:
+            try:
+                if self._f is None:
+                    self._f = self._fs.open(self._path, "rb")
+                    self._f.seek(self._pos)
+                return op()
+            except OBJECT_ERRORS:
+                raise
+            except Exception as e:
+                if time.monotonic() + pause > deadline:
+                    raise TransientReadError(
+                        f"{self._uri}: the store stopped answering at byte {self._pos} and still did not answer "
+                        f"after {io_retry_s():g}s of retries ({type(e).__name__}: {e})"
+                    ) from e
+                self._drop()
+                time.sleep(pause)
+                pause = min(2 * pause, IO_RETRY_MAX_PAUSE_S)
+
+    def _drop(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            # a file of a store that is gone may fail to close: it is dropped anyway
+            with contextlib.suppress(Exception):
+                f.close()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._retry(lambda: self._f.read(len(buffer)))
+        n = len(data)
+        buffer[:n] = data
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = int(self._retry(lambda: self._f.seek(offset, whence)))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
 
 
 @dataclass(frozen=True)
@@ -125,7 +222,17 @@ class Item:
 
 def list_items(source: str, storage_options: StorageOptions | None = None) -> list[Item]:
     """Every input of a source, sorted by URI. Raises ``SourceError`` for a missing or
-    empty source, or one that mixes archives with loose images."""
+    empty source, or one that mixes archives with loose images, and ``StorageError`` (one
+    line) for a store that cannot be reached."""
+    try:
+        return _list_items(source, storage_options)
+    except (SourceError, StorageError):
+        raise
+    except Exception as e:  # botocore/aiohttp errors are no OSError: one line, not a traceback
+        raise StorageError(f"Cannot list {source}: {type(e).__name__}: {e}") from e
+
+
+def _list_items(source: str, storage_options: StorageOptions | None) -> list[Item]:
     fs, root = filesystem(source, storage_options)
     if fs.isfile(root):
         infos = [{**fs.info(root), "name": qualify(fs, root), "path": root}]
@@ -209,23 +316,30 @@ def list_shards(
     return group_shards(list_items(source, storage_options), files_per_shard=files_per_shard)
 
 
-def read_shard(shard: Shard, storage_options: StorageOptions | None = None) -> Iterator[Record]:
-    """Every input image of a shard, in a stable order; read failures are records too.
+def read_shard(
+    shard: Shard, storage_options: StorageOptions | None = None, *, max_bytes: int = MAX_BYTES
+) -> Iterator[Record]:
+    """Every input image of a shard, in a stable order; what is wrong with the data is a
+    record with an ``error`` (undecodable, gone, over ``max_bytes``: such a member or file
+    is not read into memory), but a store that stops answering is retried for
+    ``io_retry_s()`` seconds and then raises ``TransientReadError``: that is not a result.
 
     Ids are unique within the shard: a member name that occurs again (a tar may
     hold the same name twice, a Parquet id column may repeat) gets ``@2``, ``@3``
     ... appended in reading order, so each input stays one row.
     """
     if shard.kind == "files":
-        records = _read_files(shard, storage_options)
+        records = _read_files(shard, storage_options, max_bytes)
     elif shard.kind == "tar":
-        records = _read_tar(shard, storage_options)
+        records = _read_tar(shard, storage_options, max_bytes)
     elif shard.kind == "parquet":
         records = _read_parquet(shard, storage_options)
     else:
         raise SourceError(f"Unknown shard kind {shard.kind!r} for {shard.uri}")
     seen: dict[str, int] = {}
     for rec in records:
+        if rec.error is not None:  # a store's message may quote what it was given
+            rec.error = redact(rec.error, storage_options)
         k = seen.get(rec.image_id, 0) + 1
         seen[rec.image_id] = k
         if k > 1:
@@ -238,24 +352,63 @@ def read_shard(shard: Shard, storage_options: StorageOptions | None = None) -> I
 FETCH_CHUNK = 64
 
 
-def _read_files(shard: Shard, storage_options: StorageOptions | None) -> Iterator[Record]:
+def _read_files(shard: Shard, storage_options: StorageOptions | None, max_bytes: int) -> Iterator[Record]:
     fs, _ = filesystem(shard.members[0] if shard.members else shard.uri, storage_options)
     labels: Sequence[str | None] = shard.labels or (None,) * len(shard.members)
     pairs = list(zip(shard.members, labels, strict=True))
     for start in range(0, len(pairs), FETCH_CHUNK):
         chunk = pairs[start : start + FETCH_CHUNK]
         paths = [filesystem(uri, storage_options)[1] for uri, _ in chunk]
+        for (uri, label), data in zip(chunk, _fetch(fs, paths, max_bytes), strict=True):
+            member = posixpath.basename(uri)
+            if isinstance(data, BaseException):
+                yield Record(uri, shard.shard_id, member, None, label, f"read failed: {type(data).__name__}: {data}")
+            elif len(data) > max_bytes:  # one byte more than the limit was asked for: over it
+                yield Record(uri, shard.shard_id, member, None, label, too_large(None, max_bytes))
+            else:
+                yield Record(uri, shard.shard_id, member, bytes(data), label)
+
+
+def _fetch(fs: Any, paths: list[str], max_bytes: int) -> list[Any]:
+    """The bytes of each path (at most ``max_bytes + 1``: a larger file is not read whole),
+    or the object's own error (gone, forbidden); a store that does not answer is retried
+    for ``io_retry_s()`` seconds, then ``TransientReadError``."""
+    out: list[Any] = [None] * len(paths)
+    todo = list(range(len(paths)))
+    deadline, pause = time.monotonic() + io_retry_s(), IO_RETRY_PAUSE_S
+    while True:
         try:
             # cat_ranges, not cat: concurrent GETs on object stores, results in order,
             # per-file errors returned, and no glob expansion of names like "a[1].png"
-            fetched: list[Any] = fs.cat_ranges(paths, None, None, on_error="return")
-        except OSError as e:
-            fetched = [e] * len(paths)
-        for (uri, label), data in zip(chunk, fetched, strict=True):
-            if isinstance(data, BaseException):
-                yield Record(uri, shard.shard_id, posixpath.basename(uri), None, label, f"read failed: {data!r}")
+            got: list[Any] = fs.cat_ranges(
+                [paths[i] for i in todo], [0] * len(todo), [max_bytes + 1] * len(todo), on_error="return"
+            )
+        except Exception as e:  # the whole call failed: each file is sorted below by its error
+            got = [e] * len(todo)
+        failed = []
+        for i, value in zip(todo, got, strict=True):
+            if isinstance(value, OSError) and value.errno == errno.EINVAL:
+                # S3 answers a range of an empty object with 416 (s3fs: EINVAL): read it whole,
+                # it holds nothing
+                try:
+                    value = fs.cat_file(paths[i])
+                except Exception as e:
+                    value = e
+            if isinstance(value, BaseException) and not isinstance(value, OBJECT_ERRORS):
+                failed.append((i, value))
             else:
-                yield Record(uri, shard.shard_id, posixpath.basename(uri), bytes(data), label)
+                out[i] = value
+        if not failed:
+            return out
+        if time.monotonic() + pause > deadline:
+            i, err = failed[0]
+            raise TransientReadError(
+                f"{paths[i]} and {len(failed) - 1} other file(s): the store did not answer for "
+                f"{io_retry_s():g}s of retries ({type(err).__name__}: {err})"
+            ) from err
+        todo = [i for i, _ in failed]
+        time.sleep(pause)
+        pause = min(2 * pause, IO_RETRY_MAX_PAUSE_S)
 
 
 def _tar_label(files: dict[str, bytes]) -> str | None:
@@ -273,39 +426,65 @@ def _tar_label(files: dict[str, bytes]) -> str | None:
     return None
 
 
-def _read_tar(shard: Shard, storage_options: StorageOptions | None) -> Iterator[Record]:
+def _tar_refusal(info: tarfile.TarInfo, max_bytes: int) -> str | None:
+    """Why an image-named tar member is not read (None: it is read). Members are read into
+    memory, never extracted to disk, so ``../`` and absolute names reach no file."""
+    if info.issym() or info.islnk():
+        return f"tar member is a link to {info.linkname!r}, not an image: links are not followed"
+    if not info.isfile():
+        return "tar member is not a regular file"
+    if info.size > max_bytes:
+        return too_large(info.size, max_bytes)
+    return None
+
+
+def _read_tar(shard: Shard, storage_options: StorageOptions | None, max_bytes: int = MAX_BYTES) -> Iterator[Record]:
     """WebDataset convention: consecutive members sharing a key (the name up to
-    the first dot of the basename) form one sample. Streaming: one sample in memory."""
+    the first dot of the basename) form one sample. Streaming: one sample in memory.
+
+    Members with an image extension are inputs: each is one record, also when it cannot be
+    read (a link, over ``max_bytes``); an archive inside the archive is one error record
+    (it is not unpacked). Other members (``.cls``, ``.json``, ...) are labels or ignored."""
     fs, path = filesystem(shard.uri, storage_options)
 
-    def emit(key: str, files: dict[str, bytes], names: dict[str, str]) -> Iterator[Record]:
-        label = _tar_label(files)
+    def emit(key: str, files: dict[str, bytes | None], names: dict[str, str]) -> Iterator[Record]:
+        label = _tar_label({e: d for e, d in files.items() if d is not None})
         for ext, data in files.items():
-            if ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
+            kind = _suffix_kind(f"x.{ext}")
+            if kind in ("image", "tar", "parquet"):
                 member = names[ext]
-                yield Record(f"{shard.uri}#{member}", shard.shard_id, member, data, label)
+                error = refused.pop(member, None)
+                if kind != "image":
+                    error = "archive inside the archive: not unpacked (list it as a shard of its own)"
+                yield Record(f"{shard.uri}#{member}", shard.shard_id, member, None if error else data, label, error)
 
     key: str | None = None
     last: str | None = None  # the last sample emitted, to say where a broken archive broke
-    files: dict[str, bytes] = {}
+    files: dict[str, bytes | None] = {}
     names: dict[str, str] = {}
+    refused: dict[str, str] = {}  # member name -> why it was not read
     try:
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with _RetryingFile(fs, path, shard.uri) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for info in tar:
-                if not info.isfile():
-                    continue
                 d, base = posixpath.split(info.name)
-                if base.startswith("."):
+                if base.startswith(".") or info.isdir():
                     continue
                 k, _, ext = base.partition(".")
+                if not info.isfile() and _suffix_kind(base) != "image":
+                    continue
                 k = posixpath.join(d, k)
                 if k != key:
                     if key is not None:
                         yield from emit(key, files, names)
                         last = key
                     key, files, names = k, {}, {}
-                fobj = tar.extractfile(info)
-                files[ext] = fobj.read() if fobj else b""
+                why = _tar_refusal(info, max_bytes) if _suffix_kind(base) == "image" else None
+                if why is not None:
+                    refused[info.name] = why
+                    files[ext] = None
+                else:
+                    fobj = tar.extractfile(info) if info.isfile() else None
+                    files[ext] = fobj.read() if fobj else b""
                 names[ext] = info.name
             if key is not None:
                 yield from emit(key, files, names)
@@ -314,7 +493,9 @@ def _read_tar(shard: Shard, storage_options: StorageOptions | None) -> Iterator[
                 # tarfile takes a cut exactly at a block boundary for the end of the
                 # archive: without this check the members after the cut vanish silently
                 raise tarfile.ReadError("truncated (no end-of-archive marker)")
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except TransientReadError:
+        raise  # not the archive's fault: the shard stays uncommitted and is read again
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         # The members read so far were yielded; the rest of a broken archive is one error row.
         if key is not None and files:
             yield from emit(key, files, names)
@@ -346,7 +527,7 @@ def _pick(columns: Sequence[str], candidates: Sequence[str]) -> str | None:
 def _read_parquet(shard: Shard, storage_options: StorageOptions | None) -> Iterator[Record]:
     fs, path = filesystem(shard.uri, storage_options)
     try:
-        with fs.open(path, "rb") as f:
+        with _RetryingFile(fs, path, shard.uri) as f:
             pf = pq.ParquetFile(f)
             names = pf.schema_arrow.names
             image_col = _pick(names, IMAGE_COLUMNS)
@@ -373,12 +554,24 @@ def _read_parquet(shard: Shard, storage_options: StorageOptions | None) -> Itera
                         value = value.get("bytes")
                     member = str(d[id_col][i]) if id_col and d[id_col][i] is not None else f"row{row}"
                     label = d[label_col][i] if label_col else None
+                    error = None
+                    if value is None:
+                        error = f"no image: column {image_col!r} is null in this row"
+                    elif not isinstance(value, bytes):
+                        error = f"no image: column {image_col!r} holds {type(value).__name__}, not bytes"
                     yield Record(
-                        f"{shard.uri}#{member}", shard.shard_id, member, value, None if label is None else str(label)
+                        f"{shard.uri}#{member}",
+                        shard.shard_id,
+                        member,
+                        None if error else value,
+                        None if label is None else str(label),
+                        error,
                     )
                     row += 1
     except SourceError as e:
         yield Record(f"{shard.uri}#<unreadable>", shard.shard_id, "<unreadable>", None, None, str(e))
+    except TransientReadError:
+        raise  # not the file's fault: the shard stays uncommitted and is read again
     except (OSError, pa.ArrowException) as e:
         yield Record(
             f"{shard.uri}#<unreadable>", shard.shard_id, "<unreadable>", None, None, f"parquet file unreadable: {e}"

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -26,8 +28,85 @@ class StorageError(OSError):
     """A URI could not be read or written; the message says which and why."""
 
 
+# -- credentials: never printed, never stored ------------------------------------------------------
+
+#: what stands in for a credential in every message and stored text
+REDACTED = "***"
+#: ``scheme://user:password@host``: the user-info part of a URI (RFC 3986), which ends at the
+#: first "@" before any "/" of the path
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+#: storage-option keys whose values are credentials (s3fs, gcsfs, adlfs, botocore client kwargs)
+SECRET_KEYS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "session_token",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "account_key",
+        "sas_token",
+        "client_secret",
+        "connection_string",
+        "access_token",
+        "refresh_token",
+    }
+)
+#: environment variables whose values are credentials (every AWS tool reads them)
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+#: shorter values are not masked: a short word ("testing", moto's default key) would be masked
+#: wherever it occurs in a message; real keys and tokens are 16 characters and more
+MIN_SECRET = 8
+#: credentials seen in storage options this process was given (``remember_secrets``)
+_secrets: set[str] = set()
+
+
+def secret_values(storage_options: StorageOptions | None) -> set[str]:
+    """Every credential in storage options, nested dicts included (``client_kwargs``, ...)."""
+    found: set[str] = set()
+    for k, v in (storage_options or {}).items():
+        if isinstance(v, Mapping):
+            found |= secret_values(v)
+        elif isinstance(v, str) and str(k).lower() in SECRET_KEYS and len(v) >= MIN_SECRET:
+            found.add(v)
+    return found
+
+
+def remember_secrets(storage_options: StorageOptions | None) -> None:
+    """Make ``redact`` mask these storage options' credentials from now on (in this process)."""
+    _secrets.update(secret_values(storage_options))
+
+
+def redact(text: object, storage_options: StorageOptions | None = None) -> str:
+    """``text`` with every credential replaced by ``***``: the user-info of URIs
+    (``s3://KEY:SECRET@bucket`` -> ``s3://***@bucket``), the values of ``storage_options``'
+    and remembered storage options' secret keys, and of the AWS_* credential variables.
+
+    For everything that is printed or stored: log lines, error messages, ``_run.json``."""
+    out = _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", str(text))
+    values = secret_values(storage_options) | _secrets
+    values |= {v for name in SECRET_ENV if len(v := os.environ.get(name, "")) >= MIN_SECRET}
+    for value in sorted(values, key=len, reverse=True):  # longest first: one may contain another
+        out = out.replace(value, REDACTED)
+    return out
+
+
+def check_no_credentials(uri: str) -> str:
+    """Refuse a URI that carries credentials (``s3://KEY:SECRET@bucket``): it would be copied
+    into every image id, result row and log line. Returns the URI."""
+    if _USERINFO.match(uri):
+        raise StorageError(
+            f"Credentials in a URI are not accepted ({redact(uri)}): they would be written into every result "
+            "row and log line. Pass them in --storage-options or in AWS_* environment variables instead."
+        )
+    return uri
+
+
 def filesystem(uri: str, storage_options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path within it) for a URI."""
+    """(filesystem, path within it) for a URI; a URI with credentials in it is refused."""
+    check_no_credentials(uri)
     try:
         return url_to_fs(uri, **dict(storage_options or {}))
     except (ImportError, ValueError) as e:
@@ -91,7 +170,10 @@ def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = 
 
 
 def write_json(uri: str, obj: Any, storage_options: StorageOptions | None = None) -> None:
-    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), storage_options)
+    """``obj`` as JSON, credentials masked (``redact``): _run.json, summaries and the like
+    are read by people who need not hold the keys of the store they describe."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+    write_bytes(uri, redact(text, storage_options).encode(), storage_options)
 
 
 def list_files(uri: str, storage_options: StorageOptions | None = None) -> list[dict[str, Any]]:

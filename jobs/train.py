@@ -26,7 +26,7 @@ from detectors.preprocessing import resize_uint8
 from jobs.bundle import ModelBundle
 from jobs.images import DRAFT_MARGIN, decode_image
 from jobs.sources import Shard, SourceError, list_shards, read_shard
-from jobs.storage import StorageError, StorageOptions, join, read_bytes, write_bytes, write_json
+from jobs.storage import StorageError, StorageOptions, join, read_bytes, redact, write_bytes, write_json
 
 DEFAULT_DETECTORS = ("autoencoder", "mixture", "cam", "ocsvm")
 
@@ -76,7 +76,7 @@ class TrainingSet:
 
 
 def log(msg: str) -> None:
-    print(f"[imgscan train] {msg}", file=sys.stderr, flush=True)
+    print(f"[imgscan train] {redact(msg)}", file=sys.stderr, flush=True)
 
 
 def check_labels(shards: Sequence[Shard], cfg: TrainConfig) -> None:

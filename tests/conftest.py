@@ -26,6 +26,20 @@ def digits16() -> tuple[np.ndarray, np.ndarray]:
     return digits(16)
 
 
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: Any, digits16: tuple[np.ndarray, np.ndarray]) -> str:
+    """The smallest real bundle (once per session): an autoencoder at 16 px, one epoch on 60
+    digits. For tests of what happens around the models, not of their scores."""
+    from detectors import AutoencoderDetector
+    from jobs.bundle import ModelBundle
+
+    images, labels = digits16
+    det = AutoencoderDetector(input_size=16, epochs=1, filters=(8, 16), latent_dim=4).fit(images[labels == 0][:60])
+    uri = str(tmp_path_factory.mktemp("tiny-bundle") / "model")
+    ModelBundle(detectors={"autoencoder": det}, input_size=16, channels=1).save(uri)
+    return uri
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,17 +95,54 @@ def memory_root() -> Iterator[str]:
 CHROMIUM_INSTALL = "apt-get update && apt-get install -y chromium"
 
 
+def _browser() -> str:
+    """The headless browser's path. Skips without Chromium, except under ``CI=true`` (where
+    .ci/run installs it): there it fails."""
+    browser = next((p for n in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(n))), None)
+    if browser is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"chromium is not installed; CI must install it: {CHROMIUM_INSTALL}")
+        pytest.skip(f"chromium is not installed ({CHROMIUM_INSTALL}); with CI=true this fails instead")
+    return browser
+
+
+#: flags of every headless Chromium run: no network of its own, a profile of its own
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+
+
+@pytest.fixture
+def dump_dom(tmp_path: Path) -> Callable[[str], str]:
+    """``dump_dom(url)``: the page's DOM after its scripts ran (``chromium --dump-dom``), as HTML text."""
+    browser = _browser()
+
+    def dump(url: str) -> str:
+        profile = tmp_path / f"profile-{uuid.uuid4().hex[:6]}"
+        profile.mkdir()
+        # a virtual-time budget lets timers and image onerror handlers fire before the dump
+        cmd = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=3000", "--dump-dom", url]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
+        assert "<html" in proc.stdout, proc.stderr[-2000:]
+        return proc.stdout
+
+    return dump
+
+
 @pytest.fixture
 def screenshot(tmp_path: Path) -> Callable[..., Path]:
     """``screenshot(url, height=...)``: the page rendered by headless Chromium, as a PNG path.
 
     Skips without Chromium, except under ``CI=true`` (where .ci/run installs it): there it fails.
     """
-    browser = next((p for n in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(n))), None)
-    if browser is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"chromium is not installed; CI must install it: {CHROMIUM_INSTALL}")
-        pytest.skip(f"chromium is not installed ({CHROMIUM_INSTALL}); with CI=true this fails instead")
+    browser = _browser()
 
     def take(url: str, *, width: int = 1400, height: int = 2000) -> Path:
         shot = tmp_path / f"shot-{uuid.uuid4().hex[:6]}.png"
@@ -99,14 +150,7 @@ def screenshot(tmp_path: Path) -> Callable[..., Path]:
         profile.mkdir()
         cmd = [
             browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+            *CHROMIUM_FLAGS,
             f"--user-data-dir={profile}",
             "--hide-scrollbars",
             f"--window-size={width},{height}",

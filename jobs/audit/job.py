@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from jobs.audit.result import AuditResult
 from jobs.ray_setup import check_gpus, connect, local_gpus
 from jobs.sources import Shard, list_shards
-from jobs.storage import filesystem, join, write_bytes, write_json
+from jobs.storage import filesystem, join, redact, write_bytes, write_json
 
 #: columns of label_issues.parquet (one row per suspected issue, rank 1 = worst)
 ISSUE_SCHEMA = pa.schema(
@@ -147,7 +147,7 @@ class AuditConfig:
 
 
 def log(msg: str) -> None:
-    print(f"[imgscan audit] {msg}", file=sys.stderr, flush=True)
+    print(f"[imgscan audit] {redact(msg)}", file=sys.stderr, flush=True)
 
 
 # -- refusals -------------------------------------------------------------------------------------
