@@ -388,7 +388,8 @@ class ThresholdFitter:
         if rule.kind == "calibrated":
             self._result = self._calibrated(calibration)  # refuses before any data is read
         elif rule.kind == "quantile" and _tail_size(n_upper, self.level) <= max_values:
-            self._tail = TailBuffer(_tail_size(n_upper, self.level), direction)
+            # the side of the level, not of the score: quantile:0.01 of a "high" score is in its low tail
+            self._tail = TailBuffer(_tail_size(n_upper, self.level), self._tail_side)
         if rule.kind == "iqr" or (rule.kind == "quantile" and self._tail is None):
             self._search = RankSearch(max_values=min(max_values, COLLECT_VALUES))
 
@@ -397,6 +398,11 @@ class ThresholdFitter:
         """The quantile level on the anomalous side: Q ("high") or 1 − Q ("low")."""
         q = float(self.rule.param or 0.0)
         return q if self.direction == "high" else 1.0 - q
+
+    @property
+    def _tail_side(self) -> Direction:
+        """Where the order statistics of ``level`` lie: among the largest or the smallest values."""
+        return "high" if self.level >= 0.5 else "low"
 
     @property
     def done(self) -> bool:
@@ -472,7 +478,7 @@ class ThresholdFitter:
     def _from_tail(self, ranks: list[tuple[int, int, float]]) -> dict[int, float]:
         assert self._tail is not None
         top, n = self._tail.sorted(), self.moments.n
-        offset = n - len(top) if self.direction == "high" else 0
+        offset = n - len(top) if self._tail_side == "high" else 0
         out = {}
         for lo, hi, _ in ranks:
             for r in (lo, hi):

@@ -39,7 +39,7 @@ PATHS = {"tail": 2**21, "refine": 64}
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("direction", ["high", "low"])
-@pytest.mark.parametrize("q", [0.999, 0.99, 0.5])
+@pytest.mark.parametrize("q", [0.999, 0.99, 0.5, 0.01])  # 0.01: a level on the other side of the score
 @pytest.mark.parametrize("path", list(PATHS))
 def test_quantile_equals_numpy(kind: str, direction: str, q: float, path: str) -> None:
     x = _scores(kind, 20_011)
