@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from types import SimpleNamespace
 from typing import Any
@@ -119,7 +120,7 @@ def test_an_artifact_without_the_declaration_is_refused() -> None:
 def test_each_detector_declares_what_means_something_for_its_model(digits16: Any, tmp_path: Any, capsys: Any) -> None:
     """The declaration follows the configuration, survives a round trip, and a bundle without it is refused."""
     from detectors import AutoencoderDetector, CamDetector, MixtureDetector, OcsvmDetector
-    from jobs.bundle import BundleError, ModelBundle, check_bundle
+    from jobs.bundle import BundleError, ModelBundle, bundle_version, check_bundle
 
     images, labels = digits16
     zeros = images[labels == 0][:60]
@@ -155,6 +156,14 @@ def test_each_detector_declares_what_means_something_for_its_model(digits16: Any
     meta = json.loads(meta_path.read_text())
     del meta["anomaly_columns"]
     meta_path.write_text(json.dumps(meta))
+    # ... and a version hash that matches its files, as an old bundle's does
+    manifest_path = tmp_path / "old" / "bundle.json"
+    manifest = json.loads(manifest_path.read_text())
+    files = [f"{d}/{f}" for d, names in manifest["detectors"].items() for f in names]
+    manifest["version"] = bundle_version(
+        {f: hashlib.sha256((tmp_path / "old" / f).read_bytes()).digest() for f in files}
+    )
+    manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"ocsvm.*meta.json: trained by an imgscan that did not declare") as e:
         check_bundle(uri)
     assert "\n" not in str(e.value)
