@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from detectors.base import Direction
 from detectors.columns import ANOMALY_SCORE, COLUMNS
+from detectors.fusion import DIRECTIONS
 
 _ARROW_TYPES: dict[str, pa.DataType] = {
     "float32": pa.float32(),
@@ -62,12 +63,7 @@ def _score_fields() -> list[pa.Field]:
 RESULT_SCHEMA: pa.Schema = pa.schema([*BOOKKEEPING, *_score_fields(), *TRAILER])
 
 #: score column -> the side that is anomalous ("high" or "low")
-SCORE_DIRECTIONS: dict[str, Direction] = {
-    col.name: col.direction
-    for columns in ((ANOMALY_SCORE,), *COLUMNS.values())
-    for col in columns
-    if col.direction is not None
-}
+SCORE_DIRECTIONS: dict[str, Direction] = {ANOMALY_SCORE.name: "high", **DIRECTIONS}
 
 
 def to_table(rows: list[dict[str, Any]]) -> pa.Table:
