@@ -155,6 +155,21 @@ def make_defects(
     The defect's box side is drawn between ``min_frac`` and ``max_frac`` of the
     image side (a scratch's length too); ``kinds`` are drawn with equal chance.
     """
+    return make_defects_with_masks(images, rng, min_frac=min_frac, max_frac=max_frac, kinds=kinds)[0]
+
+
+def make_defects_with_masks(
+    images: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    min_frac: float = 0.1,
+    max_frac: float = 0.4,
+    kinds: Sequence[str] = KINDS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """As ``make_defects``, and where each defect is: -> (uint8 (n, s, s, c) images,
+    float32 (n, s, s) masks in [0, 1], the weight with which each pixel took the defect:
+    1 inside, soft at a stain's or a blur's edge, 0 elsewhere).
+    """
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown or not kinds:
         raise ValueError(f"Expected defect kinds among {list(KINDS)}. Received: {list(kinds)}.")
@@ -164,6 +179,7 @@ def make_defects(
     lo = max(2, int(s * min_frac))
     hi = max(lo, int(s * max_frac))
     out = images.copy()
+    masks = np.zeros((n, s, s), np.float32)
     for i in range(n):
         img = images[i].astype(np.float32)
         for _ in range(_TRIES):  # drawn again while it changes (almost) nothing
@@ -174,4 +190,5 @@ def make_defects(
             if covered.any() and np.abs(new - img)[covered].mean() >= MIN_CHANGE:
                 break
         out[i] = new.astype(np.uint8)
-    return out
+        masks[i] = weight
+    return out, masks

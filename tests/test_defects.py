@@ -70,3 +70,18 @@ def test_works_for_colour_and_single_images(shape: Any) -> None:
     images = rng.integers(0, 256, size=shape, dtype=np.uint8)
     out = make_defects(images, rng)
     assert out.shape == shape and np.any(out != images)
+
+
+def test_masks_cover_every_changed_pixel(normal: np.ndarray) -> None:
+    """The masks the CAM's map is trained on: in [0, 1], non-zero wherever a defect changed
+    a pixel, zero far from it, and the images are those ``make_defects`` gives."""
+    from detectors.defects import make_defects_with_masks
+
+    out, masks = make_defects_with_masks(normal[:80], np.random.default_rng(4))
+    np.testing.assert_array_equal(out, make_defects(normal[:80], np.random.default_rng(4)))
+    assert masks.shape == normal[:80].shape[:3] and masks.dtype == np.float32
+    assert masks.min() >= 0.0 and masks.max() <= 1.0
+    changed = np.any(out != normal[:80], axis=-1)
+    assert np.all(masks[changed] > 0)
+    # a defect is local: most of every image is outside its mask
+    assert np.all((masks > 0).mean(axis=(1, 2)) < 0.5)

@@ -233,3 +233,47 @@ def test_random_flips_keep_every_image_one_of_its_four_flips() -> None:
         assert hit, "an image that is not a flip of its input"
         seen.add(hit[0])
     assert seen == {0, 1, 2, 3}  # every flip happens
+
+
+def test_one_class_cam_map_learns_where_the_defects_are(digits16: Any) -> None:
+    """Trained on the self-made defects' masks (``pixel_loss``), the map is a defect
+    probability per cell: held-out defects score above held-out normal images, and the
+    map's peak falls on the defect far more often than a random cell would."""
+    from sklearn.metrics import roc_auc_score
+
+    from detectors.defects import make_defects_with_masks
+
+    images, labels = digits16
+    zeros = images[labels == 0]
+    det = CamDetector(input_size=16, epochs=6, filters=(8, 16)).fit(zeros[:120])
+    assert det.pixel_supervised_ and det.anomaly_columns_ == ("cam_anomaly",)
+    held = zeros[120:]
+    bad, masks = make_defects_with_masks(held[..., None], np.random.default_rng(5))
+    normal, defect = det.score(held), det.score(bad)
+    assert np.all((defect["cam_map"] >= 0) & (defect["cam_map"] <= 1))  # probabilities
+    y = np.r_[np.zeros(len(held)), np.ones(len(bad))]
+    assert roc_auc_score(y, np.r_[normal["cam_anomaly"], defect["cam_anomaly"]]) > 0.8
+    py, px = (np.minimum((defect[k] * 16).astype(int), 15) for k in ("cam_peak_y", "cam_peak_x"))
+    near = ndimage_dilate(masks > 0)[np.arange(len(bad)), py, px]
+    assert near.mean() > 2 * (ndimage_dilate(masks > 0)).mean()
+
+
+def ndimage_dilate(m: np.ndarray) -> np.ndarray:
+    """bool (n, h, w) grown by one map cell (2 px at 16 px): a peak is a cell centre."""
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(m, structure=np.ones((1, 5, 5), bool))
+
+
+def test_cam_bundle_from_before_pixel_loss_scores_as_it_was_trained(fitted: dict[str, BaseDetector]) -> None:
+    """A saved CAM whose params lack ``pixel_loss`` was trained on image labels: its
+    ``cam_anomaly`` stays the classifier's defect probability, not the map's maximum."""
+    import json
+
+    files = dict(fitted["cam"].to_files())
+    meta = json.loads(files["meta.json"])
+    meta["params"].pop("pixel_loss")
+    files["meta.json"] = json.dumps(meta).encode()
+    old = CamDetector.from_files(files)
+    assert old.pixel_loss is False and not old.pixel_supervised_
+    assert fitted["cam"].pixel_supervised_  # type: ignore[attr-defined]
