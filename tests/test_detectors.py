@@ -235,34 +235,33 @@ def test_random_flips_keep_every_image_one_of_its_four_flips() -> None:
     assert seen == {0, 1, 2, 3}  # every flip happens
 
 
-def test_one_class_cam_map_learns_where_the_defects_are(digits16: Any) -> None:
+def test_one_class_cam_map_learns_where_the_defects_are() -> None:
     """Trained on the self-made defects' masks (``pixel_loss``), the map is a defect
     probability per cell: held-out defects score above held-out normal images, and the
-    map's peak falls on the defect far more often than a random cell would."""
+    map's peak falls on the defect far more often than a random pixel would (real brick
+    texture from scikit-image, 32 px crops: digits at 16 px leave defects of 2-6 px)."""
+    from skimage import data
     from sklearn.metrics import roc_auc_score
 
     from detectors.defects import make_defects_with_masks
 
-    images, labels = digits16
-    zeros = images[labels == 0]
-    det = CamDetector(input_size=16, epochs=6, filters=(8, 16)).fit(zeros[:120])
+    brick, rng = data.brick(), np.random.default_rng(0)
+
+    def crops(region: np.ndarray, n: int) -> np.ndarray:
+        ys, xs = rng.integers(0, region.shape[0] - 32, n), rng.integers(0, region.shape[1] - 32, n)
+        return np.stack([region[y : y + 32, x : x + 32] for y, x in zip(ys, xs, strict=True)])
+
+    train, held = crops(brick[:256], 120), crops(brick[256:], 60)  # top half to train, bottom to test
+    det = CamDetector(input_size=32, epochs=6, batch_size=16, filters=(8, 16)).fit(train)
     assert det.pixel_supervised_ and det.anomaly_columns_ == ("cam_anomaly",)
-    held = zeros[120:]
     bad, masks = make_defects_with_masks(held[..., None], np.random.default_rng(5))
     normal, defect = det.score(held), det.score(bad)
     assert np.all((defect["cam_map"] >= 0) & (defect["cam_map"] <= 1))  # probabilities
     y = np.r_[np.zeros(len(held)), np.ones(len(bad))]
     assert roc_auc_score(y, np.r_[normal["cam_anomaly"], defect["cam_anomaly"]]) > 0.8
-    py, px = (np.minimum((defect[k] * 16).astype(int), 15) for k in ("cam_peak_y", "cam_peak_x"))
-    near = ndimage_dilate(masks > 0)[np.arange(len(bad)), py, px]
-    assert near.mean() > 2 * (ndimage_dilate(masks > 0)).mean()
-
-
-def ndimage_dilate(m: np.ndarray) -> np.ndarray:
-    """bool (n, h, w) grown by one map cell (2 px at 16 px): a peak is a cell centre."""
-    from scipy import ndimage
-
-    return ndimage.binary_dilation(m, structure=np.ones((1, 5, 5), bool))
+    py, px = (np.minimum((defect[k] * 32).astype(int), 31) for k in ("cam_peak_y", "cam_peak_x"))
+    on_defect = (masks > 0)[np.arange(len(bad)), py, px]
+    assert on_defect.mean() > 5 * (masks > 0).mean()  # measured: 60% of peaks on 4% of the pixels
 
 
 def test_cam_bundle_from_before_pixel_loss_scores_as_it_was_trained(fitted: dict[str, BaseDetector]) -> None:
