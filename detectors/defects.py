@@ -27,6 +27,10 @@ six kinds: better on blur and holes, worse on photo patches, and far from
 enough on grass either way. The other archives were not looked at while
 choosing them; ``bench/accuracy.py`` reports them.
 
+``make_defects_with_masks`` also gives each defect's mask (the weight with which
+every pixel took it): the CAM trains its map on those, DRAEM-style
+(``detectors.cam``), so it learns *where* a defect is, not only that one exists.
+
 Every defect is checked to change the image (``MIN_CHANGE`` grey levels on
 average over the pixels it covers, else it is drawn again): a stain on a blank
 background that changes nothing would teach the classifier that normal images
