@@ -11,6 +11,7 @@ gives the same outputs."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -24,16 +25,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobs import sources
 from jobs.bundle import ModelBundle
 from jobs.cli import main
-from jobs.demo_data import digits, samples, write_tar_shards
+from jobs.demo_data import digits, png_bytes, samples, write_tar_shards
 from jobs.ledger import committed_shards, read_results
 from jobs.score import ScoreConfig, preflight, score_shards
-from jobs.sources import list_shards
-from jobs.storage import StorageError
+from jobs.sources import Record, TransientReadError, list_shards, read_shard
+from jobs.storage import StorageError, write_bytes
 
 SIZE = 16
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +47,9 @@ RETRY_S = 20
 OUTAGE_S = 10.0
 #: seconds the store answers between two outages of the soak test
 UP_S = 15.0
+#: one attempt per call in botocore: its own retries (up to 5, with backoff) would wait out a
+#: short outage before ours are tried, and stretch each retry of a store gone for good
+ONE_ATTEMPT = {"config_kwargs": {"retries": {"max_attempts": 1}}}
 
 
 class FlakyProxy:
@@ -231,6 +238,94 @@ def test_a_store_gone_for_good_stops_the_job_in_one_line_and_resume_finishes_it(
     summary = score_shards(cfg, shards)  # the resume
     assert summary["shards_skipped"] == len(committed) and summary["shards_committed"] == len(shards) - len(committed)
     _check_once(out, n)
+
+
+def _loose_or_parquet(root: str, so: dict[str, Any], kind: str, n: int) -> list[bytes]:
+    """``n`` images at ``root/src``: loose PNG files, or one Parquet file of row groups of 3
+    beside a 10 kB column the reader skips, so that each row group is a GET of its own (as in
+    a Parquet file of many MiB; pyarrow reads a small file whole with its footer)."""
+    rng = np.random.default_rng(12)
+    images = [png_bytes(rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)) for _ in range(n)]
+    if kind == "files":
+        for i, data in enumerate(images):
+            write_bytes(f"{root}/src/img{i:03d}.png", data, so)
+    else:
+        table = pa.table(
+            {
+                "id": [f"img{i:03d}" for i in range(n)],
+                "image": pa.array(images, pa.binary()),
+                "raw": pa.array([rng.bytes(10_000) for _ in range(n)], pa.binary()),
+            }
+        )
+        buf = io.BytesIO()
+        pq.write_table(table, buf, row_group_size=3)
+        write_bytes(f"{root}/src/part.parquet", buf.getvalue(), so)
+    return images
+
+
+def _read_with_outage(
+    flaky: dict[str, Any], kind: str, monkeypatch: Any, got: list[Record], *, back_after: float | None
+) -> list[bytes]:
+    """Read a loose-file or Parquet shard of 12 images without Ray into ``got``; the store goes
+    down once the first image is read (midway: more reads are to come) and is back
+    ``back_after`` s later (None: never). Returns the images written."""
+    monkeypatch.setenv("IMGSCAN_IO_RETRY_S", "3")
+    monkeypatch.setattr(sources, "FETCH_CHUNK", 4)  # loose files: 3 fetches of 4
+    monkeypatch.setattr(sources, "PARQUET_BATCH_ROWS", 3)  # Parquet: one row group per batch
+    # small blocks: each row group is read when its batch is decoded, not all at once
+    so = {**flaky["storage_options"], "default_block_size": 4096, **ONE_ATTEMPT}
+    proxy = flaky["proxy"]
+    images = _loose_or_parquet(flaky["root"], so, kind, 12)
+    (shard,) = list_shards(f"{flaky['root']}/src", so)
+    for rec in read_shard(shard, so):
+        got.append(rec)
+        if len(got) == 1:
+            proxy.down()
+            if back_after is not None:
+                threading.Timer(back_after, proxy.restore).start()
+    return images
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("kind", ["files", "parquet"])
+def test_an_outage_midway_through_loose_files_or_parquet_is_retried_never_a_row(
+    flaky_s3: dict[str, Any], kind: str, monkeypatch: Any
+) -> None:
+    got: list[Record] = []
+    images = _read_with_outage(flaky_s3, kind, monkeypatch, got, back_after=1.5)
+    assert flaky_s3["proxy"].refused > 0, "the read never met the outage"
+    assert [r.error for r in got] == [None] * len(images)
+    assert [r.data for r in got] == images  # every image whole, in order, once
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("kind", ["files", "parquet"])
+def test_loose_files_or_parquet_on_a_store_gone_for_good_fail_the_shard_not_its_rows(
+    flaky_s3: dict[str, Any], kind: str, monkeypatch: Any
+) -> None:
+    got: list[Record] = []
+    with pytest.raises(TransientReadError, match="did not answer") as e:
+        _read_with_outage(flaky_s3, kind, monkeypatch, got, back_after=None)
+    assert len(str(e.value).splitlines()) == 1
+    assert flaky_s3["proxy"].refused > 0
+    assert got and [r.error for r in got] == [None] * len(got)  # what was read before is whole
+
+
+@pytest.mark.s3
+def test_the_reports_fetch_of_loose_files_retries_a_silent_store(flaky_s3: dict[str, Any], monkeypatch: Any) -> None:
+    """The gallery's images (jobs.fetch) are read by the scoring job's reader: an outage is
+    waited out, not shown as "cannot read"."""
+    from jobs.fetch import fetch_images
+
+    monkeypatch.setenv("IMGSCAN_IO_RETRY_S", "6")
+    so, proxy = {**flaky_s3["storage_options"], **ONE_ATTEMPT}, flaky_s3["proxy"]
+    _loose_or_parquet(flaky_s3["root"], so, "files", 3)
+    ids = [f"{flaky_s3['root']}/src/img{i:03d}.png" for i in range(3)]
+    proxy.down()
+    threading.Timer(1.5, proxy.restore).start()
+    got = fetch_images(ids, so)
+    assert proxy.refused > 0
+    assert [got[i].error for i in ids] == [None] * 3 and all(got[i].pixels is not None for i in ids)
 
 
 def test_an_output_that_cannot_be_written_is_one_clear_line(bundle_uri: str, tmp_path: Path, capfd: Any) -> None:
