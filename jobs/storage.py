@@ -7,6 +7,7 @@ environment, profiles, ``AWS_ENDPOINT_URL``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -154,6 +155,7 @@ def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = 
     """
     fs, path = filesystem(uri, storage_options)
     parent = posixpath.dirname(path)
+    tmp = None
     try:
         if _is_local(fs):
             fs.makedirs(parent, exist_ok=True)
@@ -166,7 +168,25 @@ def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = 
                 fs.makedirs(parent, exist_ok=True)
             fs.pipe_file(path, data)
     except OSError as e:
+        if tmp is not None:  # a file system that filled up keeps no half-written temporary
+            with contextlib.suppress(OSError):
+                fs.rm_file(tmp)
         raise StorageError(f"Cannot write {uri}: {e}") from e
+
+
+def check_writable(uri: str, storage_options: StorageOptions | None = None) -> None:
+    """Raise ``StorageError`` (one line) unless an object can be written below ``uri``: an
+    empty hidden object is written there and deleted. For a job's output, before any work:
+    a bucket that is missing or refuses writes must not be found after the first shard."""
+    probe = join(uri, f".imgscan-write-check-{uuid.uuid4().hex}")
+    try:
+        write_bytes(probe, b"", storage_options)
+    except StorageError as e:
+        cause = e.__cause__ or e
+        raise StorageError(f"Cannot write to {uri} ({type(cause).__name__}: {cause})") from e
+    # a store that lets us write but not delete keeps a hidden, empty probe: no listing shows it
+    with contextlib.suppress(OSError):
+        remove(probe, storage_options)
 
 
 def write_json(uri: str, obj: Any, storage_options: StorageOptions | None = None) -> None:

@@ -11,6 +11,7 @@ gives the same outputs."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -37,7 +38,7 @@ from jobs.demo_data import digits, png_bytes, samples, write_tar_shards
 from jobs.ledger import committed_shards, read_results
 from jobs.score import ScoreConfig, preflight, score_shards
 from jobs.sources import Record, TransientReadError, list_shards, read_shard
-from jobs.storage import StorageError, write_bytes
+from jobs.storage import StorageError, filesystem, write_bytes
 
 SIZE = 16
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,9 +166,9 @@ def _archive(root: str, so: dict[str, Any], n: int, per_shard: int) -> int:
     return n
 
 
-def _check_once(out: str, n: int) -> None:
+def _check_once(out: str, n: int, so: dict[str, Any] | None = None) -> None:
     """Every image exactly once, scored (a network fault is never a row)."""
-    results = read_results(out)
+    results = read_results(out, so)
     ids = results.column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == n, (len(ids), len(set(ids)), n)
     assert set(results.column("status").to_pylist()) == {"ok"}, results.column("error").unique().to_pylist()
@@ -338,6 +339,127 @@ def test_an_output_that_cannot_be_written_is_one_clear_line(bundle_uri: str, tmp
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Not a directory" in err[0] and str(blocker) in err[0], err
     assert blocker.read_text() == "in the way"
+
+
+@contextlib.contextmanager
+def _small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (a file system that really fills up: ENOSPC);
+    skipped where mounting needs privileges this process lacks (CI runs as root: it fails there)."""
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        why = f"cannot mount a tmpfs here: {done.stderr.decode().strip()}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(path: Path) -> None:
+    """Write ``path`` until the file system holding it has no byte left."""
+    with path.open("wb") as f:
+        try:
+            while True:
+                f.write(bytes(1 << 16))
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+
+
+def _deny_writes(s3_server: str, bucket: str, deny: bool) -> None:
+    """Put (or delete) a bucket policy that refuses every PutObject: moto enforces it (403)."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    if not deny:
+        client.delete_bucket_policy(Bucket=bucket)
+        return
+    statement = {"Effect": "Deny", "Principal": "*", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{bucket}/*"}
+    client.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [statement]}))
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+# the same path on S3 costs another ~40 s of two Ray jobs: in the long run only (its
+# refusal at the start is checked in every run, below)
+@pytest.mark.parametrize("where", ["local-disk-full", pytest.param("s3-writes-refused", marks=pytest.mark.soak)])
+def test_an_output_that_fills_up_or_refuses_writes_midway_stops_in_one_line_and_resume_finishes(
+    local_ray: None, bundle_uri: str, tmp_path: Path, monkeypatch: Any, where: str, request: Any
+) -> None:
+    """After the 2nd committed part the output takes no more: a tmpfs filled to its last byte
+    (the driver's next part write gets ENOSPC), or a bucket policy that refuses PutObject (403).
+    The job stops with one line; the 2 committed parts stay whole; once there is room again
+    (the filler deleted, the policy lifted) the resume scores the rest, every image once."""
+    import jobs.score as score_mod
+
+    n = _archive(str(tmp_path), {}, 40, 5)  # 8 shards
+    stack = contextlib.ExitStack()
+    if where == "local-disk-full":
+        disk = stack.enter_context(_small_disk(tmp_path / "disk", "8m"))
+        out, so = str(disk / "out"), {}
+        filler = disk / "filler"
+        make_full, make_room, says = (lambda: _fill(filler)), filler.unlink, "No space left on device"
+    else:
+        s3, s3_server = request.getfixturevalue("s3"), request.getfixturevalue("s3_server")
+        out, so = f"{s3['root']}/out", s3["storage_options"]
+        bucket = s3["root"].removeprefix("s3://")
+        make_full = lambda: _deny_writes(s3_server, bucket, True)  # noqa: E731
+        make_room, says = (lambda: _deny_writes(s3_server, bucket, False)), "Forbidden"
+    with stack:
+        cfg = ScoreConfig(source=str(tmp_path / "src"), models=bundle_uri, out=out, batch_size=16, run_id="full")
+        cfg = ScoreConfig(**{**cfg.__dict__, "storage_options": so})
+        shards = list_shards(cfg.source)
+        commits: list[str] = []
+
+        def commit_then_fill(*args: Any, **kwargs: Any) -> str:
+            """The real commit; after the 2nd, the output is full (a real write then fails)."""
+            uri = str(real_commit(*args, **kwargs))
+            commits.append(uri)
+            if len(commits) == 2:
+                make_full()
+            return uri
+
+        real_commit = score_mod.commit_part
+        monkeypatch.setattr(score_mod, "commit_part", commit_then_fill)
+        with pytest.raises(StorageError) as e:
+            score_shards(cfg, shards)
+        message = str(e.value)
+        assert len(message.splitlines()) == 1 and says in message and "--run-id full" in message, message
+        assert len(commits) == 2 and committed_shards(out, so) == {
+            u.rsplit("/", 1)[1][: -len(".parquet")] for u in commits
+        }
+        results = read_results(out, so)  # the committed parts are whole, readable, scored
+        assert results.num_rows == 10 and set(results.column("status").to_pylist()) == {"ok"}
+        fs, parts = filesystem(f"{out}/parts", so)
+        assert [p for p in fs.ls(parts, detail=False) if not str(p).endswith(".parquet")] == []  # no temporaries
+        make_room()
+        summary = score_shards(cfg, shards)
+        assert summary["shards_skipped"] == 2 and summary["shards_committed"] == len(shards) - 2
+        _check_once(out, n, so)
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("bucket", ["refuses-writes", "missing"])
+def test_an_s3_output_that_cannot_be_written_is_one_line_before_any_shard_is_scored(
+    bundle_uri: str, s3: dict[str, Any], s3_server: str, tmp_path: Path, capfd: Any, bucket: str
+) -> None:
+    n = _archive(str(tmp_path), {}, 10, 5)
+    assert n == 10
+    root = s3["root"]
+    if bucket == "missing":
+        root = f"{root}-gone"  # a bucket name that no one created
+    else:
+        _deny_writes(s3_server, root.removeprefix("s3://"), True)
+    out = f"{root}/out"
+    argv = ["score", "--source", str(tmp_path / "src"), "--models", bundle_uri, "--out", out]
+    assert main([*argv, "--storage-options", json.dumps(s3["storage_options"])]) == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    # one line, and no line of the job (Ray not started, no shard scored)
+    assert len(err) == 1 and err[0].startswith("imgscan: error: Cannot write to " + out), err
+    assert ("Forbidden" if bucket == "refuses-writes" else "bucket does not exist") in err[0], err
 
 
 @pytest.mark.slow
