@@ -122,7 +122,7 @@ def _tree(path: Path, skip: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 def test_every_bad_input_is_one_row_from_local_disk(local_ray: None, bundle_uri: str, tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
@@ -138,7 +138,7 @@ def test_every_bad_input_is_one_row_from_local_disk(local_ray: None, bundle_uri:
     assert not Path("/etc/absolute.png").exists() and not (tmp_path.parent / "escaped.png").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 @pytest.mark.s3
 def test_every_bad_input_is_one_row_from_the_s3_api(local_ray: None, bundle_uri: str, s3: dict[str, Any]) -> None:
@@ -233,7 +233,7 @@ def _limit_flags() -> list[str]:
     return ["--max-pixels", str(LIMITS["max_pixels"]), "--max-bytes", str(LIMITS["max_bytes"])]
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_train_takes_the_limits_and_leaves_a_bomb_out(tmp_path: Path) -> None:
     from jobs.cli import main
 
@@ -259,8 +259,8 @@ def test_audit_reads_with_the_limits_of_its_flags(tmp_path: Path, capsys: Any) -
     assert err == ["imgscan: error: --max-bytes must be a whole number >= 1. Received: 0."], err
 
 
-@pytest.mark.soak
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 def test_audit_takes_the_limits_and_leaves_a_bomb_out(tmp_path: Path) -> None:
     from jobs.cli import main

@@ -174,7 +174,7 @@ def _check_once(out: str, n: int, so: dict[str, Any] | None = None) -> None:
     assert set(results.column("status").to_pylist()) == {"ok"}, results.column("error").unique().to_pylist()
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 @pytest.mark.s3
 def test_a_store_silent_for_ten_seconds_is_retried_and_every_image_scored(
@@ -208,7 +208,7 @@ def test_a_store_silent_for_ten_seconds_is_retried_and_every_image_scored(
     _check_once(cfg.out, n)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 @pytest.mark.s3
 def test_a_store_gone_for_good_stops_the_job_in_one_line_and_resume_finishes_it(
@@ -270,7 +270,9 @@ def _read_with_outage(
     """Read a loose-file or Parquet shard of 12 images without Ray into ``got``; the store goes
     down once the first image is read (midway: more reads are to come) and is back
     ``back_after`` s later (None: never). Returns the images written."""
-    monkeypatch.setenv("IMGSCAN_IO_RETRY_S", "3")
+    # a budget longer than the outage and the backoff pause that may straddle its end (0.5 + 1
+    # + 2 + 4 s), or short, for a store gone for good
+    monkeypatch.setenv("IMGSCAN_IO_RETRY_S", "3" if back_after is None else "10")
     monkeypatch.setattr(sources, "FETCH_CHUNK", 4)  # loose files: 3 fetches of 4
     monkeypatch.setattr(sources, "PARQUET_BATCH_ROWS", 3)  # Parquet: one row group per batch
     # small blocks: each row group is read when its batch is decoded, not all at once
@@ -381,11 +383,11 @@ def _deny_writes(s3_server: str, bucket: str, deny: bool) -> None:
     client.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [statement]}))
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 # the same path on S3 costs another ~40 s of two Ray jobs: in the long run only (its
 # refusal at the start is checked in every run, below)
-@pytest.mark.parametrize("where", ["local-disk-full", pytest.param("s3-writes-refused", marks=pytest.mark.soak)])
+@pytest.mark.parametrize("where", ["local-disk-full", pytest.param("s3-writes-refused", marks=pytest.mark.slow)])
 def test_an_output_that_fills_up_or_refuses_writes_midway_stops_in_one_line_and_resume_finishes(
     local_ray: None, bundle_uri: str, tmp_path: Path, monkeypatch: Any, where: str, request: Any
 ) -> None:
@@ -462,7 +464,7 @@ def test_an_s3_output_that_cannot_be_written_is_one_line_before_any_shard_is_sco
     assert ("Forbidden" if bucket == "refuses-writes" else "bucket does not exist") in err[0], err
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_a_killed_reducer_leaves_no_half_written_output_and_its_rerun_is_the_same(
     bundle_uri: str, tmp_path: Path
 ) -> None:
@@ -524,8 +526,8 @@ def test_a_killed_reducer_leaves_no_half_written_output_and_its_rerun_is_the_sam
     )
 
 
-@pytest.mark.soak
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 @pytest.mark.s3
 def test_soak_repeated_outages_over_a_bigger_archive(

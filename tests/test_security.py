@@ -267,7 +267,7 @@ def _assert_page_is_inert(dom: str, name: str) -> None:
     assert "<script" not in dom.lower(), f"{name}: a script element made it into the page"
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.s3
 @pytest.mark.cluster
 def test_no_credential_reaches_any_output_log_or_message_and_pages_stay_inert(
