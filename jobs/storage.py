@@ -189,11 +189,33 @@ def check_writable(uri: str, storage_options: StorageOptions | None = None) -> N
         remove(probe, storage_options)
 
 
+def as_stored(obj: Any, storage_options: StorageOptions | None = None) -> Any:
+    """``obj`` as ``write_json`` stores it and ``read_json`` gives it back: JSON types, every
+    string (keys too) with its credentials masked (``redact``).
+
+    String by string, before JSON escapes them: masking the JSON text missed a secret holding a
+    quote, a backslash or a non-ASCII character (stored escaped: ``\"``, ``\u00e4``). And what a
+    stored record is compared with (a resume's source URI) goes through this too, so that a
+    secret that also occurs in a URI, a common word say, masks both sides alike."""
+    plain = json.loads(json.dumps(obj, default=str))
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, str):
+            return redact(x, storage_options)
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        if isinstance(x, dict):
+            return {redact(k, storage_options): walk(v) for k, v in x.items()}
+        return x
+
+    return walk(plain)
+
+
 def write_json(uri: str, obj: Any, storage_options: StorageOptions | None = None) -> None:
-    """``obj`` as JSON, credentials masked (``redact``): _run.json, summaries and the like
+    """``obj`` as JSON, credentials masked (``as_stored``): _run.json, summaries and the like
     are read by people who need not hold the keys of the store they describe."""
-    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
-    write_bytes(uri, redact(text, storage_options).encode(), storage_options)
+    text = json.dumps(as_stored(obj, storage_options), indent=2, sort_keys=True)
+    write_bytes(uri, text.encode(), storage_options)
 
 
 def list_files(uri: str, storage_options: StorageOptions | None = None) -> list[dict[str, Any]]:
