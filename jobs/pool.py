@@ -6,11 +6,15 @@ then neither has a whole CPU left for a decode task, and a job that asks for
 1-CPU decode tasks waits forever. The plan here sizes the pool node by node:
 
 * CPU actors (``gpus_per_worker == 0``): node i holds at most
-  ``floor((CPUs_i - decode_cpus) / actor_cpus)`` actors, so that the actors it is
-  planned for leave it room for one decode task, and ``decode_cpus`` is at most
-  half the smallest node, so that even a 1-CPU node holds an actor and a decode
-  task. One actor per whole CPU by default, with the largest share (<= 1 CPU)
-  that fits.
+  ``floor((CPUs_i - reserve) / actor_cpus)`` actors, so that the actors it is
+  planned for leave it a decode reserve of one CPU (at most half the smallest
+  node, so that even a 1-CPU node holds an actor and decoding). The reserve is
+  split into ``DECODE_SLOTS`` decode tasks of ``decode_cpus`` each: Ray's CPUs are
+  a scheduling count, and an actor waiting for images uses no core, so two decode
+  tasks in one CPU's reserve let decoding take both cores of a 2-core machine
+  when decoding is the work (camera JPEGs), while the actors take them when the
+  models are (64 px PNGs). One actor per whole CPU by default, with the largest
+  share (<= 1 CPU) that fits.
 * GPU actors: each node holds ``floor(GPUs / gpus_per_worker)`` actors; they
   take a small share of that node's CPUs and leave it room for a decode task.
   Nodes without GPUs (the head of ``cluster.yaml``) decode only.
@@ -31,8 +35,12 @@ from typing import Any
 
 #: the smallest CPU share of a CPU scoring actor (below it an actor is mostly waiting its turn)
 MIN_ACTOR_CPUS = 0.1
-#: decode task CPUs when every node has room for a whole one
-DECODE_CPUS = 1.0
+#: CPUs each node keeps from the actors for decoding, when every node has room for a whole one
+DECODE_RESERVE = 1.0
+#: decode tasks that run at once in one node's reserve. Two: on 2 idle cores, camera JPEGs
+#: (bench/photos.py) went from one decode task at a time (one core decoding, the actors
+#: mostly waiting) to both cores busy; see the README's photo table for the figures.
+DECODE_SLOTS = 2
 #: slack for float resources (Ray rounds them to 1e-4)
 _EPS = 1e-6
 
@@ -57,11 +65,18 @@ class NodeResources:
 
 @dataclass(frozen=True)
 class PoolPlan:
-    """The pool: ``workers`` actors of ``actor_cpus`` CPUs each; decode tasks of ``decode_cpus``."""
+    """The pool: ``workers`` actors of ``actor_cpus`` CPUs each; decode tasks of ``decode_cpus``,
+    ``decode_slots`` of which fit in the CPUs each node keeps from the actors."""
 
     workers: int
     actor_cpus: float
     decode_cpus: float
+    decode_slots: int = 1
+
+    @property
+    def decode_reserve(self) -> float:
+        """CPUs each node keeps free of actors for decode tasks."""
+        return self.decode_cpus * self.decode_slots
 
 
 def nodes_from_ray(nodes: Iterable[Mapping[str, Any]]) -> list[NodeResources]:
@@ -106,9 +121,10 @@ def _plan_cpu(nodes: Sequence[NodeResources], workers: int | None, actor_memory:
     hosts = [n for n in nodes if n.cpus > _EPS]
     if not hosts:
         raise PoolError(f"Scoring needs CPUs, but the cluster's nodes have none ({describe_nodes(nodes)}).")
-    # Half the smallest node at most: a 1-CPU node then holds an actor AND a decode task.
-    decode = min(DECODE_CPUS, min(n.cpus for n in hosts) / 2)
-    free = [n.cpus - decode for n in hosts]
+    # Half the smallest node at most: a 1-CPU node then holds an actor AND decoding.
+    reserve = min(DECODE_RESERVE, min(n.cpus for n in hosts) / 2)
+    decode = _round_down(reserve / DECODE_SLOTS)
+    free = [n.cpus - decode * DECODE_SLOTS for n in hosts]
     mem_cap = [_by_memory(n, actor_memory) for n in hosts]
 
     def capacity(actor_cpus: float) -> int:
@@ -124,12 +140,13 @@ def _plan_cpu(nodes: Sequence[NodeResources], workers: int | None, actor_memory:
         if actor_cpus < MIN_ACTOR_CPUS - _EPS:
             break
         if capacity(actor_cpus) >= wanted:
-            return PoolPlan(wanted, _round_down(actor_cpus), _round_down(decode))
+            return PoolPlan(wanted, _round_down(actor_cpus), decode, DECODE_SLOTS)
     most = capacity(MIN_ACTOR_CPUS)
     raise PoolError(
         f"--workers {wanted} needs {wanted} actors of at least {MIN_ACTOR_CPUS:g} CPU and "
-        f"{actor_memory / (1 << 30):g} GiB memory each, plus a {decode:g}-CPU decode slot per node; the cluster's "
-        f"nodes ({describe_nodes(nodes)}) hold {most}. Pass --workers {max(most, 1)} or fewer, or add nodes."
+        f"{actor_memory / (1 << 30):g} GiB memory each, plus {decode * DECODE_SLOTS:g} CPU for decoding per node; "
+        f"the cluster's nodes ({describe_nodes(nodes)}) hold {most}. "
+        f"Pass --workers {max(most, 1)} or fewer, or add nodes."
     )
 
 
@@ -157,7 +174,8 @@ def _plan_gpu(nodes: Sequence[NodeResources], workers: int | None, per: float, a
     # Decode slots of a whole CPU where the GPU nodes have 2 CPUs or more; GPU nodes
     # without CPUs of their own leave decoding to the other nodes.
     with_cpus = [n.cpus for n, k in zip(hosts, slots, strict=True) if k and n.cpus > _EPS]
-    decode = min(DECODE_CPUS, min(with_cpus) / 2) if with_cpus else min(DECODE_CPUS, max(n.cpus for n in cpu_nodes))
+    most_cpus = max(n.cpus for n in cpu_nodes)
+    decode = min(DECODE_RESERVE, min(with_cpus) / 2) if with_cpus else min(DECODE_RESERVE, most_cpus)
     # The actors' CPUs feed the GPU (batching, the CPU-only detectors): what each GPU node
     # has beside its decode slot, split among its actors, 1 CPU at most.
     shares = [(n.cpus - decode) / k for n, k in zip(hosts, slots, strict=True) if k]

@@ -20,17 +20,17 @@ def plan(nodes: list[NodeResources], workers: int | None = None, gpus: float = 0
 
 
 def fits_everywhere(nodes: list[NodeResources], p: PoolPlan, per_node: list[int]) -> bool:
-    """Each node's actors plus one decode task fit in its CPUs, and their memory in its memory."""
+    """Each node's actors plus its decode reserve fit in its CPUs, and their memory in its memory."""
     return all(
-        k * p.actor_cpus + p.decode_cpus <= n.cpus + 1e-9 and k * MEM <= n.memory
+        k * p.actor_cpus + p.decode_reserve <= n.cpus + 1e-9 and k * MEM <= n.memory
         for n, k in zip(nodes, per_node, strict=True)
     )
 
 
 def a_decode_slot_is_always_free(nodes: list[NodeResources], p: PoolPlan) -> bool:
     """However Ray places the actors, their CPUs leave one decode task's worth free on some node:
-    they reserve at most sum(CPUs) - nodes * decode_cpus (pigeonhole)."""
-    return p.workers * p.actor_cpus <= sum(n.cpus for n in nodes) - len(nodes) * p.decode_cpus + 1e-9
+    they reserve at most sum(CPUs) - nodes * decode reserve (pigeonhole)."""
+    return p.workers * p.actor_cpus <= sum(n.cpus for n in nodes) - len(nodes) * p.decode_reserve + 1e-9
 
 
 def spread(nodes: list[NodeResources], p: PoolPlan, gpus: float = 0.0) -> list[int]:
@@ -48,10 +48,11 @@ def spread(nodes: list[NodeResources], p: PoolPlan, gpus: float = 0.0) -> list[i
     return per_node
 
 
-def test_laptop_with_two_cpus_keeps_two_actors_and_a_whole_decode_cpu() -> None:
+def test_laptop_with_two_cpus_keeps_two_actors_and_a_whole_cpu_for_two_decode_tasks() -> None:
     nodes = [NodeResources(cpus=2, memory=16 * GIB)]
     p = plan(nodes)
-    assert p == PoolPlan(workers=2, actor_cpus=0.5, decode_cpus=1.0)
+    assert p == PoolPlan(workers=2, actor_cpus=0.5, decode_cpus=0.5, decode_slots=2)
+    assert p.decode_reserve == 1.0
     assert fits_everywhere(nodes, p, spread(nodes, p))
     assert a_decode_slot_is_always_free(nodes, p)
 
@@ -61,7 +62,7 @@ def test_two_nodes_of_one_cpu_leave_each_node_a_decode_slot() -> None:
     nodes = [NodeResources(cpus=1, memory=16 * GIB), NodeResources(cpus=1, memory=16 * GIB)]
     p = plan(nodes)
     assert p.workers == 2
-    assert p.decode_cpus <= 0.5 and p.actor_cpus > 0
+    assert p.decode_reserve <= 0.5 and p.decode_cpus == 0.25 and p.actor_cpus > 0
     assert spread(nodes, p) == [1, 1]
     assert fits_everywhere(nodes, p, [1, 1])
     assert a_decode_slot_is_always_free(nodes, p)
