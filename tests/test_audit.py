@@ -24,7 +24,7 @@ from jobs.sources import list_shards
 from jobs.storage import exists, join, read_bytes, read_json
 from jobs.train import load_training_set
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.heavy
 
 #: class folder names: one carries HTML metacharacters, to check that the page escapes data
 CLASS_NAMES = {0: "zero", 1: "one", 2: "two", 3: "three<&>"}
