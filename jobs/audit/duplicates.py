@@ -131,12 +131,14 @@ def nearest(embeddings: np.ndarray, k: int, *, exact_max: int = EXACT_MAX) -> tu
 
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
     d = x.shape[1]
+    index: faiss.Index
     if len(x) <= exact_max:
         index = faiss.IndexFlatIP(d)
     else:
-        index = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        index.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
+        graph = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        graph.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
+        index = graph
     index.add(x)
     sim, idx = index.search(x, k)
     return sim, idx.astype(np.int64)
