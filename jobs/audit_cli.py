@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_source, add_storage_options
+    from jobs.cli import add_limit_flags, add_source, add_storage_options
 
     p = sub.add_parser(
         "audit",
@@ -29,13 +29,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-fold", type=float, default=0.0, metavar="F", help="GPUs per fold task (default 0: CPU)")
     p.add_argument("--num-cpus", type=int, metavar="N", help="CPUs of the in-process Ray (default: all cores)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the folds and the models (default 0)")
+    add_limit_flags(p)
     add_storage_options(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from jobs.audit import AuditConfig, audit, summary_line
-    from jobs.cli import parse_storage_options
+    from jobs.cli import limit_kwargs, parse_storage_options
 
     cfg = AuditConfig(
         source=args.source,
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         gpus_per_fold=args.gpus_per_fold,
         num_cpus=args.num_cpus,
         seed=args.seed,
+        **limit_kwargs(args),
         storage_options=parse_storage_options(args.storage_options),
     )
     print(summary_line(audit(cfg)), flush=True)

@@ -70,6 +70,29 @@ def add_storage_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_limit_flags(p: argparse.ArgumentParser) -> None:
+    """``--max-pixels`` / ``--max-bytes``: the per-image limits of every verb that reads images
+    (score, scan, train, audit); an image over either is an error row or an unreadable input."""
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        metavar="N",
+        help="an image larger than this (from its header) is not decoded: an error row, or an unreadable input "
+        "left out of training (default 64M)",
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        metavar="N",
+        help="an input file larger than this is not read: an error row, or an unreadable input (default 256 MiB)",
+    )
+
+
+def limit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The limit flags given (``max_pixels`` / ``max_bytes``), for a config whose defaults rule the rest."""
+    return {name: getattr(args, name) for name in ("max_pixels", "max_bytes") if getattr(args, name) is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="imgscan", description="Find the images that do not belong in a large archive.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)

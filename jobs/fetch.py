@@ -8,8 +8,10 @@ An ``image_id`` is the source URI plus the member (``jobs.sources``):
 
 Ids are grouped by shard, and each tar or Parquet shard is read once, in
 order, through ``jobs.sources.read_shard`` (the reader the scoring job uses),
-stopping as soon as every wanted member is seen. A failure is a reason per
-image, never an exception.
+stopping as soon as every wanted member is seen; files of one folder are read
+together as a shard of files, by the same reader. So a store that stops answering
+is retried here as in the scoring job. A failure is a reason per image, never an
+exception.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 
 from jobs.images import decode_image
 from jobs.sources import PARQUET_SUFFIXES, TAR_SUFFIXES, Shard, SourceError, read_shard
-from jobs.storage import StorageError, StorageOptions, read_bytes
+from jobs.storage import StorageError, StorageOptions
 
 
 @dataclass(frozen=True)
@@ -49,14 +51,11 @@ def fetch_images(image_ids: Iterable[str], storage_options: StorageOptions | Non
     groups: dict[tuple[str, str], set[str]] = {}
     for image_id in dict.fromkeys(image_ids):
         kind, uri, _ = locate(image_id)
-        groups.setdefault((kind, uri), set()).add(image_id)
+        # the files of one folder are one shard of files: fetched together, as scoring does
+        groups.setdefault((kind, posixpath.dirname(uri) if kind == "file" else uri), set()).add(image_id)
     out: dict[str, Fetched] = {}
     for (kind, uri), wanted in groups.items():
-        if kind == "file":
-            for image_id in wanted:
-                out[image_id] = _fetch_file(image_id, storage_options)
-        else:
-            out.update(_fetch_from_shard(kind, uri, wanted, storage_options))
+        out.update(_fetch_from_shard(kind, uri, wanted, storage_options))
     return out
 
 
@@ -65,18 +64,16 @@ def _decoded(image_id: str, data: bytes | None) -> Fetched:
     return Fetched(image_id, dec.pixels, dec.error)
 
 
-def _fetch_file(uri: str, storage_options: StorageOptions | None) -> Fetched:
-    try:
-        return _decoded(uri, read_bytes(uri, storage_options))
-    except (StorageError, OSError, ValueError) as e:
-        return Fetched(uri, None, f"cannot read: {e}")
-
-
 def _fetch_from_shard(
     kind: str, uri: str, wanted: set[str], storage_options: StorageOptions | None
 ) -> dict[str, Fetched]:
+    """The wanted ids of one tar or Parquet shard (``uri``), or of files of one folder."""
     out: dict[str, Fetched] = {}
-    shard = Shard(shard_id="fetch", uri=uri, kind=kind, size=0, version="")
+    if kind == "file":
+        members = tuple(sorted(wanted))
+        shard = Shard("fetch", uri, "files", 0, "", members=members, labels=(None,) * len(members))
+    else:
+        shard = Shard(shard_id="fetch", uri=uri, kind=kind, size=0, version="")
     try:
         for rec in read_shard(shard, storage_options):
             if rec.image_id in wanted:

@@ -28,7 +28,17 @@ import pyarrow.compute as pc
 from jobs.schema import RESULT_SCHEMA
 from jobs.scoring import SHARD_N
 from jobs.sources import Shard
-from jobs.storage import StorageOptions, exists, filesystem, join, read_json, read_parquet, write_json, write_parquet
+from jobs.storage import (
+    StorageOptions,
+    as_stored,
+    exists,
+    filesystem,
+    join,
+    read_json,
+    read_parquet,
+    write_json,
+    write_parquet,
+)
 
 RUN_FILE = "_run.json"
 PARTS_DIR = "parts"
@@ -102,7 +112,8 @@ def plan_run(
         if run_id != held:
             raise ValueError(f"{out} holds run {held}; pass --run-id {held} to resume or choose another --out.")
         for key in SAME_ON_RESUME:
-            if record.get(key) != facts.get(key):
+            # compared as stored: a credential that also occurs in the source URI is masked there
+            if record.get(key) != as_stored(facts.get(key), storage_options):
                 raise ValueError(
                     f"Run {held} in {out} was started with {key}={record.get(key)!r}; this call has "
                     f"{facts.get(key)!r}. Resume with the same model and source, or choose another --out."

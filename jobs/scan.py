@@ -44,6 +44,7 @@ from jobs.score import ScoreConfig, preflight, score_shards
 from jobs.sources import Item, group_shards, list_items
 from jobs.storage import (
     StorageOptions,
+    as_stored,
     exists,
     join,
     list_files,
@@ -184,7 +185,7 @@ def _bind_root(cfg: ScanConfig, version: str) -> None:
     if exists(uri, cfg.score.storage_options):
         held = read_json(uri, cfg.score.storage_options)
         for key, value in facts.items():
-            if held.get(key) != value:
+            if held.get(key) != as_stored(value, cfg.score.storage_options):  # as written: credentials masked
                 raise ValueError(
                     f"{cfg.root} holds nightly scans with {key}={held.get(key)!r}; this call has {value!r}. "
                     "Nights of one root share the source and the model (so flags compare); choose another --out."

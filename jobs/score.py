@@ -42,7 +42,7 @@ from jobs.pool import PoolPlan, nodes_from_ray, plan_pool
 from jobs.ray_setup import connect, local_gpus
 from jobs.scoring import DECODE_CHUNK, decode_records, finish_part, score_table
 from jobs.sources import Shard, TransientReadError, list_shards, read_shard
-from jobs.storage import StorageError, redact, remember_secrets
+from jobs.storage import StorageError, check_writable, redact, remember_secrets
 
 #: seconds a Ray Data actor pool may wait for its actors to start before failing (Ray's
 #: default, -1, never gives up: an actor that fits nowhere must fail the job, not hang it)
@@ -265,6 +265,7 @@ def score_shards(cfg: ScoreConfig, shards: list[Shard]) -> dict[str, Any]:
     if pending:
         import ray
 
+        check_writable(cfg.out, so)  # before Ray starts: not after the first shard is scored
         started = _connect(cfg)
         written = False
         try:
@@ -280,6 +281,8 @@ def score_shards(cfg: ScoreConfig, shards: list[Shard]) -> dict[str, Any]:
                 # (Ray Data appends its own retry advice to the message: the first line is ours)
                 first = str(transient).splitlines()[0]
                 raise StorageError(f"{first} (resume with --run-id {plan.run_id})") from e
+            if written and type(e) is StorageError:  # the output filled up or refused a write midway
+                raise StorageError(f"{e} (make room or restore access, then resume with --run-id {plan.run_id})") from e
             raise
         finally:
             if started:

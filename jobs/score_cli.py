@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_scoring_flags(p: argparse.ArgumentParser) -> None:
     """--source, --models and the Ray flags every scoring verb takes."""
-    from jobs.cli import add_source, add_storage_options
+    from jobs.cli import add_limit_flags, add_source, add_storage_options
 
     add_source(p)
     p.add_argument("--models", required=True, metavar="MODEL_URI", help="model bundle written by 'imgscan train'")
@@ -43,21 +43,13 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per model call (default 256)")
     p.add_argument("--num-cpus", type=int, metavar="N", help="CPUs of the in-process Ray (default: all cores)")
     p.add_argument("--decode-chunk", type=int, metavar="N", help="images per decoded block (default 256)")
-    p.add_argument(
-        "--max-pixels", type=int, metavar="N", help="larger images (from their header) are error rows (default 64M)"
-    )
-    p.add_argument(
-        "--max-bytes",
-        type=int,
-        metavar="N",
-        help="larger input files are error rows, not read (default 256 MiB)",
-    )
+    add_limit_flags(p)
     add_storage_options(p)
 
 
 def score_config(args: argparse.Namespace, run_id: str | None = None) -> ScoreConfig:
     """The ``ScoreConfig`` of parsed scoring flags (``args.out`` is the output URI)."""
-    from jobs.cli import parse_storage_options
+    from jobs.cli import limit_kwargs, parse_storage_options
     from jobs.score import ScoreConfig
 
     return ScoreConfig(
@@ -71,8 +63,7 @@ def score_config(args: argparse.Namespace, run_id: str | None = None) -> ScoreCo
         batch_size=args.batch_size,
         num_cpus=args.num_cpus,
         **({"decode_chunk": args.decode_chunk} if args.decode_chunk is not None else {}),
-        **({"max_pixels": args.max_pixels} if args.max_pixels is not None else {}),
-        **({"max_bytes": args.max_bytes} if args.max_bytes is not None else {}),
+        **limit_kwargs(args),
         storage_options=parse_storage_options(args.storage_options),
     )
 

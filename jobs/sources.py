@@ -45,6 +45,8 @@ IMAGE_COLUMNS = ("image", "image_bytes", "bytes", "img", "jpg", "png", "content"
 ID_COLUMNS = ("image_id", "id", "key", "__key__", "path", "filename")
 LABEL_COLUMNS = ("label", "class", "cls", "target")
 FILES_PER_SHARD = 1000
+#: rows of a Parquet file decoded at once: the bytes of one such batch are held in memory
+PARQUET_BATCH_ROWS = 256
 
 
 class SourceError(ValueError):
@@ -547,7 +549,7 @@ def _read_parquet(shard: Shard, storage_options: StorageOptions | None) -> Itera
             id_col, label_col = _pick(names, ID_COLUMNS), _pick(names, LABEL_COLUMNS)
             cols = [c for c in (image_col, id_col, label_col) if c]
             row = 0
-            for batch in pf.iter_batches(batch_size=256, columns=cols):
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=cols):
                 d = batch.to_pydict()
                 for i, value in enumerate(d[image_col]):
                     if isinstance(value, dict):  # Hugging Face style {"bytes": ..., "path": ...}

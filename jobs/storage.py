@@ -7,6 +7,7 @@ environment, profiles, ``AWS_ENDPOINT_URL``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -154,6 +155,7 @@ def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = 
     """
     fs, path = filesystem(uri, storage_options)
     parent = posixpath.dirname(path)
+    tmp = None
     try:
         if _is_local(fs):
             fs.makedirs(parent, exist_ok=True)
@@ -166,14 +168,54 @@ def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = 
                 fs.makedirs(parent, exist_ok=True)
             fs.pipe_file(path, data)
     except OSError as e:
+        if tmp is not None:  # a file system that filled up keeps no half-written temporary
+            with contextlib.suppress(OSError):
+                fs.rm_file(tmp)
         raise StorageError(f"Cannot write {uri}: {e}") from e
 
 
+def check_writable(uri: str, storage_options: StorageOptions | None = None) -> None:
+    """Raise ``StorageError`` (one line) unless an object can be written below ``uri``: an
+    empty hidden object is written there and deleted. For a job's output, before any work:
+    a bucket that is missing or refuses writes must not be found after the first shard."""
+    probe = join(uri, f".imgscan-write-check-{uuid.uuid4().hex}")
+    try:
+        write_bytes(probe, b"", storage_options)
+    except StorageError as e:
+        cause = e.__cause__ or e
+        raise StorageError(f"Cannot write to {uri} ({type(cause).__name__}: {cause})") from e
+    # a store that lets us write but not delete keeps a hidden, empty probe: no listing shows it
+    with contextlib.suppress(OSError):
+        remove(probe, storage_options)
+
+
+def as_stored(obj: Any, storage_options: StorageOptions | None = None) -> Any:
+    """``obj`` as ``write_json`` stores it and ``read_json`` gives it back: JSON types, every
+    string (keys too) with its credentials masked (``redact``).
+
+    String by string, before JSON escapes them: masking the JSON text missed a secret holding a
+    quote, a backslash or a non-ASCII character (stored escaped: ``\"``, ``\u00e4``). And what a
+    stored record is compared with (a resume's source URI) goes through this too, so that a
+    secret that also occurs in a URI, a common word say, masks both sides alike."""
+    plain = json.loads(json.dumps(obj, default=str))
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, str):
+            return redact(x, storage_options)
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        if isinstance(x, dict):
+            return {redact(k, storage_options): walk(v) for k, v in x.items()}
+        return x
+
+    return walk(plain)
+
+
 def write_json(uri: str, obj: Any, storage_options: StorageOptions | None = None) -> None:
-    """``obj`` as JSON, credentials masked (``redact``): _run.json, summaries and the like
+    """``obj`` as JSON, credentials masked (``as_stored``): _run.json, summaries and the like
     are read by people who need not hold the keys of the store they describe."""
-    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
-    write_bytes(uri, redact(text, storage_options).encode(), storage_options)
+    text = json.dumps(as_stored(obj, storage_options), indent=2, sort_keys=True)
+    write_bytes(uri, text.encode(), storage_options)
 
 
 def list_files(uri: str, storage_options: StorageOptions | None = None) -> list[dict[str, Any]]:

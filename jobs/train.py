@@ -24,7 +24,7 @@ from detectors import DETECTORS, AutoencoderDetector, BaseDetector, CamDetector,
 from detectors.base import fingerprint
 from detectors.preprocessing import resize_uint8
 from jobs.bundle import ModelBundle
-from jobs.images import DRAFT_MARGIN, decode_image
+from jobs.images import DRAFT_MARGIN, MAX_BYTES, MAX_PIXELS, check_limits, decode_image
 from jobs.sources import Shard, SourceError, list_shards, read_shard
 from jobs.storage import StorageError, StorageOptions, join, read_bytes, redact, write_bytes, write_json
 
@@ -49,8 +49,11 @@ class TrainConfig:
     # per-detector hyper-parameter overrides, e.g. {"autoencoder": {"latent_dim": 64}}
     params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     storage_options: dict[str, Any] = field(default_factory=dict)
+    max_pixels: int = MAX_PIXELS  # per image, from its header: more is an unreadable input
+    max_bytes: int = MAX_BYTES  # per input file: a larger one is unreadable, read no further
 
     def __post_init__(self) -> None:
+        check_limits(self.max_pixels, self.max_bytes)
         unknown = [d for d in self.detectors if d not in DETECTORS]
         if unknown or not self.detectors:
             raise ValueError(f"Unknown detectors {unknown}; choose from {list(DETECTORS)}.")
@@ -97,20 +100,29 @@ def load_training_set(
     storage_options: StorageOptions | None = None,
     *,
     progress: Callable[[str], None] | None = None,
+    max_pixels: int = MAX_PIXELS,
+    max_bytes: int = MAX_BYTES,
 ) -> TrainingSet:
     """Read and decode every image of a source, resized to ``image_size``; the
-    unreadable ones are listed in ``skipped`` with their reason. ``progress``
+    unreadable ones (over ``max_pixels`` / ``max_bytes`` too: a bomb is refused from its
+    header, never decoded) are listed in ``skipped`` with their reason. ``progress``
     gets a line per shard (default: this verb's log)."""
     progress = progress or log
     raw: list[tuple[np.ndarray, str | None, str, str]] = []
     skipped: list[dict[str, str | None]] = []
     t0 = time.monotonic()
     for shard in shards:
-        for rec in read_shard(shard, storage_options):
+        for rec in read_shard(shard, storage_options, max_bytes=max_bytes):
             # at the size the models need, as the scoring job decodes (a camera JPEG is held at
             # ~2x the input size, not whole, until all are resized)
             dec = (
-                decode_image(rec.data, min_size=DRAFT_MARGIN * image_size, gray=channels == 1)
+                decode_image(
+                    rec.data,
+                    max_pixels=max_pixels,
+                    max_bytes=max_bytes,
+                    min_size=DRAFT_MARGIN * image_size,
+                    gray=channels == 1,
+                )
                 if rec.error is None
                 else None
             )
@@ -144,7 +156,9 @@ def train(cfg: TrainConfig) -> ModelBundle:
 
 def _train(cfg: TrainConfig, shards: Sequence[Shard], weights_path: str | None) -> ModelBundle:
     so = cfg.storage_options
-    ts = load_training_set(shards, cfg.source, cfg.image_size, cfg.channels, so)
+    ts = load_training_set(
+        shards, cfg.source, cfg.image_size, cfg.channels, so, max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes
+    )
     labels = ts.labels
     known = sorted({lbl for lbl in labels if lbl is not None})
     if cfg.normal_label is not None and cfg.normal_label not in known:

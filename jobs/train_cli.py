@@ -10,7 +10,7 @@ from detectors import DETECTOR_NAMES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_source, add_storage_options
+    from jobs.cli import add_limit_flags, add_source, add_storage_options
 
     p = sub.add_parser(
         "train",
@@ -48,12 +48,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "e.g. --param autoencoder.latent_dim=64 --param mixture.grid=2",
     )
     p.add_argument("--seed", type=int, default=0)
+    add_limit_flags(p)
     add_storage_options(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.cli import parse_storage_options
+    from jobs.cli import limit_kwargs, parse_storage_options
     from jobs.train import TrainConfig, train
 
     cfg = TrainConfig(
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         weights=args.weights,
         seed=args.seed,
         params=parse_params(args.param),
+        **limit_kwargs(args),
         storage_options=parse_storage_options(args.storage_options),
     )
     bundle = train(cfg)

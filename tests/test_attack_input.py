@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from jobs.ledger import committed_shards, read_results
@@ -121,7 +122,7 @@ def _tree(path: Path, skip: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 def test_every_bad_input_is_one_row_from_local_disk(local_ray: None, bundle_uri: str, tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
@@ -137,7 +138,7 @@ def test_every_bad_input_is_one_row_from_local_disk(local_ray: None, bundle_uri:
     assert not Path("/etc/absolute.png").exists() and not (tmp_path.parent / "escaped.png").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 @pytest.mark.s3
 def test_every_bad_input_is_one_row_from_the_s3_api(local_ray: None, bundle_uri: str, s3: dict[str, Any]) -> None:
@@ -188,3 +189,85 @@ def test_bombs_are_refused_from_their_header_in_bounded_memory(tmp_path: Path) -
     for name, data in bombs.items():
         m = bomb_memory(data, tmp_path / name)
         assert "too large" in str(m["error"]) and m["mib"] < BOMB_MEMORY_MIB, (name, m)
+
+
+# -- the same limits on the verbs that train: a bomb is an unreadable input, not an OOM ---------
+
+#: limits the test sources are read with: the digits (16x16, ~250 bytes) pass them
+LIMITS = {"max_pixels": 1000, "max_bytes": 800}
+#: the inputs of ``_limit_source`` the limits refuse, with a word of their reason
+REFUSED = {
+    "bomb.png": "image too large: 100000x100000",
+    "wide.png": "image too large: 40x40 pixels exceeds the limit of 1000 (--max-pixels)",
+    "heavy.png": "file too large: over the limit of 800 bytes (--max-bytes)",
+}
+
+
+def _limit_source(root: Path) -> Path:
+    """20 real digits in class folders 0 and 1, and in 0/ a PNG declaring 100000x100000 pixels,
+    a real 40x40 PNG (1,600 pixels) and a real 30x30 noise PNG of more than 800 bytes."""
+    from jobs.demo_data import digits, png_bytes, samples, write_folder
+
+    imgs, labels = digits(16, classes=[0, 1])
+    write_folder(str(root), samples(imgs[:20], [str(v) for v in labels[:20]]))
+    noise = np.random.default_rng(12).integers(0, 256, (30, 30), dtype=np.uint8)
+    refused = {
+        "bomb.png": huge_png(),
+        "wide.png": png_bytes(np.zeros((40, 40), np.uint8)),
+        "heavy.png": png_bytes(noise),
+    }
+    assert len(refused["heavy.png"]) > LIMITS["max_bytes"]
+    for name, data in refused.items():
+        (root / "0" / name).write_bytes(data)
+    return root
+
+
+def _check_refused(skipped: list[dict[str, Any]]) -> None:
+    reasons = {posixpath.basename(str(s["image_id"])): str(s["reason"]) for s in skipped}
+    assert set(reasons) == set(REFUSED), reasons
+    for name, words in REFUSED.items():
+        assert words in reasons[name], (name, reasons[name])
+
+
+def _limit_flags() -> list[str]:
+    return ["--max-pixels", str(LIMITS["max_pixels"]), "--max-bytes", str(LIMITS["max_bytes"])]
+
+
+@pytest.mark.heavy
+def test_train_takes_the_limits_and_leaves_a_bomb_out(tmp_path: Path) -> None:
+    from jobs.cli import main
+
+    src, out = _limit_source(tmp_path / "src"), tmp_path / "model"
+    flags = ["--detectors", "autoencoder", "--epochs", "1", "--image-size", "16", *_limit_flags()]
+    assert main(["train", "--source", str(src), "--out", str(out), *flags]) == 0
+    _check_refused(json.loads((out / "training" / "skipped.json").read_text()))
+
+
+def test_audit_reads_with_the_limits_of_its_flags(tmp_path: Path, capsys: Any) -> None:
+    """The audit's decode (``decode_shard``, what its Ray tasks run) with the limits its flags
+    give; a limit no image could meet is one line. The whole audit with a bomb: -m slow."""
+    from jobs.audit.blocks import decode_shard
+    from jobs.cli import main
+    from jobs.sources import list_shards
+
+    src = _limit_source(tmp_path / "src")
+    skipped = [x for shard in list_shards(str(src)) for x in decode_shard(shard, 16, None, **LIMITS)[0].skipped]
+    _check_refused(skipped)
+    argv = ["audit", "--source", str(src), "--out", str(tmp_path / "a"), "--max-bytes", "0"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["imgscan: error: --max-bytes must be a whole number >= 1. Received: 0."], err
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+@pytest.mark.cluster
+def test_audit_takes_the_limits_and_leaves_a_bomb_out(tmp_path: Path) -> None:
+    from jobs.cli import main
+
+    src, out = _limit_source(tmp_path / "src"), tmp_path / "audit"
+    flags = ["--folds", "2", "--epochs", "1", "--image-size", "16", "--num-cpus", "2", *_limit_flags()]
+    assert main(["audit", "--source", str(src), "--out", str(out), *flags]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_unreadable"] == len(REFUSED)
+    _check_refused(summary["unreadable"])

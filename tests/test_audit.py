@@ -24,7 +24,7 @@ from jobs.sources import list_shards
 from jobs.storage import exists, join, read_bytes, read_json
 from jobs.train import load_training_set
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.heavy
 
 #: class folder names: one carries HTML metacharacters, to check that the page escapes data
 CLASS_NAMES = {0: "zero", 1: "one", 2: "two", 3: "three<&>"}
@@ -287,3 +287,28 @@ def test_refuses_unknown_flag_and_bad_uri(tmp_path: Any) -> None:
         assert code == 1 and err.count("\n") == 1, err
     code, _, err = run_cli("audit", "--source", str(tmp_path), "--out", str(tmp_path / "o"), "--folds", "1")
     assert code == 1 and "--folds must be >= 2" in err
+
+
+@pytest.mark.parametrize("exact_max", [10_000, 0], ids=["exact", "hnsw"])
+def test_near_duplicates_are_found_by_exact_and_graph_search(exact_max: int) -> None:
+    """The neighbour search finds planted near copies both ways: exact (faiss IndexFlatIP) and the
+    HNSW graph that archives above ``EXACT_MAX`` images get; the graph's neighbours agree with the
+    exact ones on real digits' pixels."""
+    from jobs.audit.duplicates import nearest
+
+    x, _ = digits(8)
+    x = x.reshape(len(x), -1).astype(np.float32)
+    rng = np.random.default_rng(0)
+    originals = rng.choice(len(x), 30, replace=False)
+    copies = x[originals] + rng.normal(0, 0.5, (30, x.shape[1])).astype(np.float32)
+    emb = np.concatenate([x, copies])
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    sim, idx = nearest(emb, 3, exact_max=exact_max)
+    assert sim.shape == idx.shape == (len(emb), 3)
+    n = len(x)
+    for j, i in enumerate(originals):  # each copy's nearest other row is its original
+        row = [p for p in idx[n + j] if p != n + j]
+        assert row[0] == i, (j, i, idx[n + j])
+    _, exact_idx = nearest(emb, 3, exact_max=len(emb))
+    agree = np.mean([len(set(a) & set(b)) / 3 for a, b in zip(idx, exact_idx, strict=True)])
+    assert agree >= 0.95

@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from detectors import AutoencoderDetector
 from detectors.maps import relative_error
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.heavy
 
 PARAMS: dict[str, Any] = {"input_size": 16, "epochs": 20, "filters": (8, 16), "seed": 0}
 

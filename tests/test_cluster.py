@@ -209,7 +209,7 @@ def _error_lines(logs: str) -> list[str]:
     return [line for line in logs.splitlines() if line.startswith("imgscan: error:")]
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 def test_score_runs_on_both_nodes_of_one_cpu_each(cluster: Cluster, archive: dict[str, str]) -> None:
     from ray.util.state import list_actors, list_tasks
@@ -238,7 +238,7 @@ def test_score_runs_on_both_nodes_of_one_cpu_each(cluster: Cluster, archive: dic
     assert work == set(cluster.node_ids), sorted((t.name, t.node_id) for t in tasks)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 def test_wrong_arguments_fail_with_the_laptops_one_line_error(
     cluster: Cluster, archive: dict[str, str], tmp_path: Path, capsys: Any
@@ -253,7 +253,7 @@ def test_wrong_arguments_fail_with_the_laptops_one_line_error(
     assert "Traceback" not in logs
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 def test_a_pool_that_cannot_fit_is_refused_in_one_line(cluster: Cluster, archive: dict[str, str]) -> None:
     """--workers beyond what two 1-CPU nodes hold: one line saying what is missing, not a hang."""
@@ -267,7 +267,7 @@ def test_a_pool_that_cannot_fit_is_refused_in_one_line(cluster: Cluster, archive
     assert not Path(out, "parts").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 def test_nightly_scan_submitted_once_per_night(cluster: Cluster, archive: dict[str, str]) -> None:
     """`scan` through the Jobs API as the README schedules it: one submission id per night,

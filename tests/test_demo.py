@@ -10,7 +10,7 @@ import pytest
 
 from jobs.demo import format_summary, run_demo
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+pytestmark = [pytest.mark.heavy, pytest.mark.cluster]
 
 
 def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from detectors import DETECTORS, AutoencoderDetector, BaseDetector, CamDetector,
 from detectors.cam import build_cam_classifier
 from jobs.bundle import ModelBundle
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.heavy
 
 FAST: dict[str, dict[str, Any]] = {
     "autoencoder": {"input_size": 16, "epochs": 20, "filters": (8, 16), "latent_dim": 8},

@@ -116,7 +116,7 @@ def test_an_artifact_without_the_declaration_is_refused() -> None:
         anomaly_score([old], {"recon_error": np.zeros(2)})  # type: ignore[list-item]
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_each_detector_declares_what_means_something_for_its_model(digits16: Any, tmp_path: Any, capsys: Any) -> None:
     """The declaration follows the configuration, survives a round trip, and a bundle without it is refused."""
     from detectors import AutoencoderDetector, CamDetector, MixtureDetector, OcsvmDetector

@@ -154,7 +154,7 @@ finally:
 """
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 def test_a_pipeline_that_cannot_get_resources_ends_in_one_line_not_a_hang() -> None:
     """The driver's watchdog (jobs/score.py ``_batches``) on a real stall: a stage asking for more

@@ -25,7 +25,7 @@ from jobs.schema import to_table
 from jobs.sources import list_shards, read_shard
 from jobs.storage import join, read_json, write_bytes, write_json
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.heavy
 
 
 def score_archive(source: str, model: str, results: str) -> int:

@@ -131,7 +131,7 @@ def _config(src: str, models: str, out: str, so: dict[str, Any] | None, date: st
     )
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 @pytest.mark.s3
 def test_three_nights_on_s3(
@@ -213,7 +213,7 @@ def test_three_nights_on_s3(
     assert _objects(out, so) == before
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 def test_folder_nights_and_an_interrupted_night(
     tmp_path: Any, scan_bundle: str, digits_by_class: dict[int, np.ndarray], local_ray: None

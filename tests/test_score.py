@@ -226,7 +226,7 @@ def _copy_tree(src: str, dst: str, so: dict[str, Any] | None) -> None:
         write_bytes(join(dst, path[len(root) :]), read_bytes(path), so)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 @pytest.mark.parametrize("fmt", list(WRITERS))
 @pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
@@ -282,7 +282,7 @@ def _score_actor_pids() -> set[int]:
     }
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 def test_a_killed_actor_is_restarted_and_its_work_redone_once(local_ray: None, bundle_uri: str, tmp_path: Any) -> None:
     imgs, labels = digits(SIZE)
@@ -312,7 +312,7 @@ def test_a_killed_actor_is_restarted_and_its_work_redone_once(local_ray: None, b
     assert (results.column("status").to_pylist()) == ["ok"] * 600
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 def test_decode_runs_in_tasks_apart_from_the_actors(
     local_ray: None, bundle_uri: str, archive: list[Sample], tmp_path: Any, capsys: Any

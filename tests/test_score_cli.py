@@ -100,7 +100,7 @@ def test_bad_input_is_one_line_before_any_ray_work(
     assert not (tmp_path / "out").exists()  # nothing written either
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 def test_killed_job_resumes_with_same_run_id_exactly_once(bundle_uri: str, tmp_path: Path, capsys: Any) -> None:
     imgs, labels = digits(16)
@@ -172,7 +172,7 @@ def _kill_session(sid: int) -> None:
         psutil.wait_procs(procs, timeout=10)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.cluster
 def test_the_driver_never_imports_tensorflow(bundle_uri: str, src: Path, tmp_path: Path) -> None:
     """The bundle is checked without building its models: TensorFlow lives in the actors only

@@ -217,6 +217,35 @@ def test_redact_masks_uri_userinfo_options_and_environment(monkeypatch: Any) -> 
     assert secret not in str(e.value) and "--storage-options" in str(e.value)
 
 
+@pytest.mark.parametrize("secret", ['quote"and\\backslash-1', "pässwörd-geheim-2", "\u5bc6\u7801-secret-3"])
+def test_stored_json_masks_a_secret_that_json_would_escape(tmp_path: Path, secret: str) -> None:
+    """Masked string by string, before JSON escapes a quote, a backslash or a non-ASCII letter
+    (masking the escaped text let these through: ``\\"``, ``\\u00e4``)."""
+    from jobs.storage import read_json, write_json
+
+    uri = str(tmp_path / "a.json")
+    write_json(uri, {"note": f"failed with {secret}", secret: [secret]}, {"secret": secret})
+    text = (tmp_path / "a.json").read_text()
+    assert secret not in json.loads(text)["note"] and secret not in text
+    assert read_json(uri) == {"note": f"failed with {REDACTED}", REDACTED: [REDACTED]}
+
+
+def test_a_secret_that_is_also_a_word_of_the_source_still_lets_the_run_resume(tmp_path: Path) -> None:
+    """A password that is a common word can occur in a URI too: it is masked in _run.json as
+    everywhere (the stored text never holds it), and the resume compares the source as stored."""
+    from jobs.ledger import plan_run, write_run
+
+    so = {"password": "archive2026"}  # 11 characters: masked (MIN_SECRET is 8)
+    out = str(tmp_path / "out")
+    facts = {"model_version": "v1", "source": "s3://bucket/archive2026/src", "manifest_fingerprint": "f"}
+    plan = plan_run(out, "r1", facts, so)
+    write_run(out, plan, so)
+    assert "archive2026" not in (tmp_path / "out" / "_run.json").read_text()
+    assert plan_run(out, "r1", facts, so).run_id == "r1"  # resumes; it was refused before
+    with pytest.raises(ValueError, match="was started with source"):
+        plan_run(out, "r1", {**facts, "source": "s3://bucket/other/src"}, so)
+
+
 def _texts_of_object(path: str, data: bytes) -> list[str]:
     """What a person or a program could read out of one stored object: its bytes, and for
     Parquet (compressed: a secret in it need not appear as plain bytes) every value and the metadata."""
@@ -267,7 +296,7 @@ def _assert_page_is_inert(dom: str, name: str) -> None:
     assert "<script" not in dom.lower(), f"{name}: a script element made it into the page"
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.s3
 @pytest.mark.cluster
 def test_no_credential_reaches_any_output_log_or_message_and_pages_stay_inert(

@@ -13,7 +13,7 @@ from jobs.cli import main
 from jobs.demo_data import corrupt_samples, digits, samples, write_folder
 from jobs.storage import exists, read_bytes
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.heavy
 
 
 def _make_folder(root: str, so: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from detectors.preprocessing import resize_uint8
-from jobs.images import DRAFT_MARGIN, decode_image
+from jobs.images import DRAFT_MARGIN, MAX_BYTES, MAX_PIXELS, decode_image
 from jobs.sources import Shard, SourceError, read_shard
 from jobs.storage import StorageOptions
 
@@ -41,20 +41,29 @@ class ShardFacts:
 
 
 def decode_shard(
-    shard: Shard, image_size: int, storage_options: StorageOptions | None = None
+    shard: Shard,
+    image_size: int,
+    storage_options: StorageOptions | None = None,
+    max_pixels: int = MAX_PIXELS,
+    max_bytes: int = MAX_BYTES,
 ) -> tuple[ShardFacts, np.ndarray]:
     """Read and decode one shard: (facts, pixels uint8 (m, image_size, image_size, c)).
 
     The same decoding as ``jobs.train.load_training_set`` (the size the model needs,
-    gray or RGB as stored), so the fold models see what ``imgscan train`` would.
+    gray or RGB as stored, the same per-image limits), so the fold models see what
+    ``imgscan train`` would.
     """
     raw: list[np.ndarray] = []
     ids: list[str] = []
     labels: list[str | None] = []
     digests: list[str] = []
     skipped: list[dict[str, str | None]] = []
-    for rec in read_shard(shard, storage_options):
-        dec = decode_image(rec.data, min_size=DRAFT_MARGIN * image_size) if rec.error is None else None
+    for rec in read_shard(shard, storage_options, max_bytes=max_bytes):
+        dec = (
+            decode_image(rec.data, max_pixels=max_pixels, max_bytes=max_bytes, min_size=DRAFT_MARGIN * image_size)
+            if rec.error is None
+            else None
+        )
         if dec is None or dec.pixels is None:
             skipped.append({"image_id": rec.image_id, "reason": rec.error or (dec.error if dec else "")})
             continue
@@ -134,6 +143,8 @@ def decode_blocks(
     storage_options: StorageOptions | None = None,
     *,
     progress: Callable[[str], None] | None = None,
+    max_pixels: int = MAX_PIXELS,
+    max_bytes: int = MAX_BYTES,
 ) -> ImageBlocks:
     """Decode every shard as a Ray task (needs a connected Ray); blocks stay in the object store.
 
@@ -142,7 +153,7 @@ def decode_blocks(
     import ray
 
     task = ray.remote(num_returns=2, num_cpus=1)(decode_shard)
-    pairs = [task.remote(s, image_size, storage_options) for s in shards]
+    pairs = [task.remote(s, image_size, storage_options, max_pixels, max_bytes) for s in shards]
     fact_refs = {p[0]: i for i, p in enumerate(pairs)}
     facts: dict[int, ShardFacts] = {}
     t0 = time.monotonic()

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.audit.result import AuditResult
+from jobs.images import MAX_BYTES, MAX_PIXELS, check_limits
 from jobs.ray_setup import check_gpus, connect, local_gpus
 from jobs.sources import Shard, list_shards
 from jobs.storage import filesystem, join, redact, write_bytes, write_json
@@ -96,8 +97,11 @@ class AuditConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     #: CamDetector keyword overrides (tests and benchmarks; the flags cover what users set)
     cam_params: dict[str, Any] = field(default_factory=dict)
+    max_pixels: int = MAX_PIXELS  # per image, from its header: more is an unreadable input
+    max_bytes: int = MAX_BYTES  # per input file: a larger one is unreadable, read no further
 
     def __post_init__(self) -> None:
+        check_limits(self.max_pixels, self.max_bytes)
         for name in ("source", "out"):
             if not getattr(self, name):
                 raise ValueError(f"--{name} must be a non-empty URI.")
@@ -227,7 +231,9 @@ def _audit(cfg: AuditConfig, shards: Sequence[Shard], t0: float) -> dict[str, An
     from jobs.audit.result import AuditResult
 
     so = cfg.storage_options
-    blocks = decode_blocks(shards, cfg.image_size, cfg.source, so, progress=log)
+    blocks = decode_blocks(
+        shards, cfg.image_size, cfg.source, so, progress=log, max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes
+    )
     check_labels(blocks.labels, blocks.ids, cfg.folds, cfg.source)
     names = [str(lbl) for lbl in blocks.labels]
     classes = sorted(set(names))
