@@ -91,6 +91,14 @@ def make_set(noise: float, seed: int) -> dict[str, Any]:
     }
 
 
+def publish(text: str, name: str) -> None:
+    """Print a bench's table and keep it as ``bench/out/<name>.md`` (the audit benches share this)."""
+    print(text)
+    os.makedirs("bench/out", exist_ok=True)
+    with open(f"bench/out/{name}.md", "w") as f:
+        f.write(text + "\n")
+
+
 def key_of(image_id: str) -> str:
     return image_id.rsplit("/", 1)[-1].removesuffix(".png")
 
@@ -203,11 +211,7 @@ def main() -> None:
         f"seed {args.seed}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average (1/5/15 min) "
         f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the start, {end[0]:.1f}/{end[1]:.1f}/{end[2]:.1f} at the end"
     )
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs("bench/out", exist_ok=True)
-    with open(f"bench/out/audit_seed{args.seed}.md", "w") as f:
-        f.write(table + "\n")
+    publish("\n".join(lines), f"audit_seed{args.seed}")
 
 
 if __name__ == "__main__":

@@ -124,11 +124,9 @@ def main() -> None:
     for f in FILTERS:
         lines.append(f"{f}: precision and recall >= 0.9 in {wins[f]} cells; mean F1 {np.mean(f1[f]):.3f}")
     lines.append(f"({time.monotonic() - t0:.0f}s, load average {os.getloadavg()[0]:.1f})")
-    text = "\n".join(lines)
-    print(text)
-    os.makedirs("bench/out", exist_ok=True)
-    with open("bench/out/audit_filters.md", "w") as fh:
-        fh.write(text + "\n")
+    from bench.audit import publish  # here: importing it loads jobs/, which flag()'s users need not
+
+    publish("\n".join(lines), "audit_filters")
 
 
 if __name__ == "__main__":

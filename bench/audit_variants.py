@@ -32,7 +32,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pyarrow.parquet as pq
 
-from bench.audit import key_of, make_set, score
+from bench.audit import key_of, make_set, publish, score
+from bench.audit_filters import flag
 from jobs.audit.blocks import assemble, decode_shard
 from jobs.sources import list_shards
 from jobs.storage import join, read_bytes
@@ -45,6 +46,8 @@ FILTERS = (
     "predicted_neq_given",
     "low_normalized_margin",
     "low_self_confidence",
+    "calibrated_rank",  # bench/audit_filters.py: cleanlab's calibrated count cut from its ranking
+    "oracle_cut",  # not a rule: as many of the lowest self-confidences as there are flips (the ranking's quality)
 )
 
 
@@ -87,12 +90,17 @@ def variants(run: dict[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
-def flagged(labels: np.ndarray, probs: np.ndarray, filter_by: str) -> np.ndarray:
-    from cleanlab.filter import find_label_issues
-
+def flagged(labels: np.ndarray, probs: np.ndarray, filter_by: str, originals: np.ndarray, flips: int) -> np.ndarray:
+    """bool (n,): what ``filter_by`` flags; ``oracle_cut``: the ``flips`` lowest self-confidences
+    among the ``originals`` (bool (n,)), the best any cut of the ranking can do."""
     p = np.asarray(probs, np.float64)
     p = p / p.sum(axis=1, keepdims=True)  # as jobs.audit.issues.find_issues does
-    return np.asarray(find_label_issues(labels, p, filter_by=filter_by), bool)
+    if filter_by != "oracle_cut":
+        return flag(labels, p, filter_by)
+    quality = np.where(originals, p[np.arange(len(labels)), labels], np.inf)
+    out = np.zeros(len(labels), bool)
+    out[np.argsort(quality, kind="stable")[:flips]] = True
+    return out
 
 
 def main() -> None:
@@ -109,12 +117,14 @@ def main() -> None:
             run = load(os.path.join(d, name))
             truth = make_set(noise, seed)
             probs = variants(run)
+            copies = {c for _, c in truth["pairs"]}
+            originals = np.array([k not in copies for k in run["keys"]])
             gap = float(np.abs(probs["tta"] - run["written"]).max())
             print(f"{name}: tta vs out_of_fold.parquet, largest difference {gap:.2g}", file=sys.stderr)
             for pname, p in probs.items():
                 acc = float((p.argmax(1) == run["labels"]).mean())
                 for fb in FILTERS:
-                    mask = flagged(run["labels"], p, fb)
+                    mask = flagged(run["labels"], p, fb, originals, len(truth["flipped"]))
                     r = score({run["keys"][i] for i in np.flatnonzero(mask)}, truth)
                     rows.append((noise, seed, pname, acc, fb, r))
                     print(f"  {pname} {fb}: {r}", file=sys.stderr, flush=True)
@@ -127,11 +137,7 @@ def main() -> None:
             f"| {noise:.0%} | {seed} | {pname} | {acc:.4f} | {fb} | {r['flagged']} | {r['precision']:.3f} "
             f"| {r['recall']:.3f} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs("bench/out", exist_ok=True)
-    with open("bench/out/audit_variants.md", "w") as f:
-        f.write(table + "\n")
+    publish("\n".join(lines), "audit_variants")
 
 
 if __name__ == "__main__":

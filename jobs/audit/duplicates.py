@@ -33,9 +33,10 @@ NEAR_PIXEL_DIFF = 5.0
 #: neighbours looked at per image: a group larger than this is still joined through its members
 NEIGHBOURS = 8
 #: up to this many images the neighbours are exact (faiss ``IndexFlatIP``: 40,000 images of 320
-#: dimensions in 19 CPU-s, against 91 for scikit-learn's brute-force cosine); beyond it a
-#: graph index (``IndexHNSWFlat``: 14 CPU-s there, 99.7% of the exact neighbours on clustered
-#: random data), because the exact search grows with the square of the images (hours at 1M)
+#: dimensions in 11 CPU-s, against 45 for scikit-learn's brute-force cosine); beyond it a
+#: graph index (``IndexHNSWFlat``: 10 CPU-s there, 99.7% of the exact neighbours on clustered
+#: random data), because the exact search grows with the square of the images (hours at 1M).
+#: ``PYTHONPATH=. python bench/neighbours.py``, 2026-12-03, idle cores
 EXACT_MAX = 100_000
 #: HNSW graph degree and search breadths (faiss's usual values; larger = more exact, slower)
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 64, 64
