@@ -180,6 +180,27 @@ def all_scores(
     return rows, raw
 
 
+def keep_scores(path: str, fitted: Fitted, raw: dict[str, dict[str, np.ndarray]], labels: np.ndarray) -> None:
+    """Write what the fusion reads, to re-fuse without refitting (``bench/fusion_rules.py``):
+    ``path.npz`` (``labels``: the test crops' labels as strings, and every directed raw column,
+    float64 (n,)) and ``path.json`` (per detector its declared anomaly columns; per column its
+    calibration statistics)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    cols = {
+        col: np.asarray(raw[name][col], dtype=np.float64)
+        for name, col, _ in directed_columns(fitted)
+        if name in raw and col in raw[name]
+    }
+    arrays = {"labels": np.asarray(labels).astype(str), **cols}
+    np.savez_compressed(f"{path}.npz", **arrays)  # type: ignore[arg-type]
+    meta = {
+        name: {"anomaly_columns": list(det.anomaly_columns_ or ()), "calibration": det.calibration_}
+        for name, det in fitted.detectors.items()
+    }
+    with open(f"{path}.json", "w") as f:
+        json.dump(meta, f)
+
+
 def aurocs(rows: dict[str, tuple[np.ndarray, str]], y: np.ndarray, keep: np.ndarray | None = None) -> dict[str, float]:
     k = slice(None) if keep is None else keep
     return {r: auroc(y[k], s[k], d) for r, (s, d) in rows.items()}
@@ -199,6 +220,7 @@ def digits_benchmark(
     seed: int = SEED,
     data_seed: int = SEED,
     detectors: Sequence[str] | None = None,
+    keep: str | None = None,
 ) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
     from jobs.demo_data import digits
 
@@ -216,8 +238,10 @@ def digits_benchmark(
         x_test, y = images[test], (labels[test] != d).astype(int)
         t0 = time.monotonic()
         fitted = fit_imgscan(x_train, image_size=32, params=params, seed=seed, detectors=detectors)
-        rows, _ = all_scores(fitted, x_train, x_test)
+        rows, raw = all_scores(fitted, x_train, x_test)
         per_digit[d] = aurocs(rows, y)
+        if keep:
+            keep_scores(os.path.join(keep, f"digit{d}"), fitted, raw, labels[test])
         for k, v in fitted.fit_seconds.items():
             fit_times.setdefault(k, []).append(v)
         best = max(per_digit[d].items(), key=lambda kv: -1 if np.isnan(kv[1]) else kv[1])
@@ -424,6 +448,7 @@ def archive_benchmark(
     seed: int = SEED,
     data_seed: int = SEED,
     detectors: Sequence[str] | None = None,
+    keep: str | None = None,
 ) -> ArchiveResult:
     """One archive: fit once, score its normal and defect crops
     -> ({kind: {row: AUROC}}, {kind: {map: share inside}}, fit seconds, CPU-seconds of this process)."""
@@ -431,10 +456,12 @@ def archive_benchmark(
     ts = texture_set(archive, kinds, n_train, n_test, data_seed)
     fitted = fit_imgscan(ts.train, image_size=CROP, params=params, seed=seed, detectors=detectors)
     rows, raw = all_scores(fitted, ts.train, ts.test)
+    if keep:
+        keep_scores(os.path.join(keep, archive), fitted, raw, ts.kind)
     auc, loc = {}, {}
     for k in kinds:
-        keep = (ts.kind == "") | (ts.kind == k)
-        auc[k] = aurocs(rows, (ts.kind == k).astype(int), keep)
+        cell = (ts.kind == "") | (ts.kind == k)
+        auc[k] = aurocs(rows, (ts.kind == k).astype(int), cell)
         loc[k] = peaks_inside(raw, ts, ts.kind == k)
     summary = ", ".join(f"{k} {auc[k].get(FUSED, float('nan')):.3f}" for k in kinds)
     cpu = time.process_time() - cpu0
@@ -453,11 +480,12 @@ def texture_benchmark(
     detectors: Sequence[str] | None = None,
     jobs: int = 1,
     meanwhile: Callable[[], None] | None = None,
+    keep: str | None = None,
 ) -> tuple[dict[tuple[str, str], dict[str, float]], dict[tuple[str, str], dict[str, float]], dict[str, float], float]:
     """-> ({(archive, kind): {row: AUROC}}, {(archive, kind): {map: share inside}}, mean fit seconds,
     CPU-seconds of the archive processes). With ``jobs`` > 1 the archives run in that many processes
     (spawned: TensorFlow does not survive a fork), and ``meanwhile`` (the digits) runs here."""
-    args = [(a, kinds, n_train, n_test, params, seed, data_seed, detectors) for a in archives]
+    args = [(a, kinds, n_train, n_test, params, seed, data_seed, detectors, keep) for a in archives]
     if jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -609,6 +637,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--data-seed", type=int, default=SEED, help="seed of the splits, crops and defects")
     p.add_argument("--jobs", type=int, default=1, help="archives fitted in parallel processes (digits run beside)")
     p.add_argument("--out", default="bench/out/accuracy.md")
+    p.add_argument(
+        "--keep", metavar="DIR", help="also write each run's raw scores and calibration there (bench/fusion_rules.py)"
+    )
     args = p.parse_args(argv)
     try:
         params = json.loads(args.params)
@@ -630,7 +661,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         nonlocal per_digit
         if args.only not in (None, "digits"):
             return
-        per_digit, ft = digits_benchmark(classes, params, args.seed, args.data_seed, args.detectors)
+        per_digit, ft = digits_benchmark(classes, params, args.seed, args.data_seed, args.detectors, keep=args.keep)
         digit_parts.extend(
             [
                 "",
@@ -654,6 +685,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.detectors,
             jobs=args.jobs,
             meanwhile=run_digits,
+            keep=args.keep,
         )
         parts += digit_parts
         parts += [
