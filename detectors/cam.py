@@ -76,13 +76,21 @@ def build_cam_classifier(
     weights: str | None = None,
     trainable_blocks: int = 1,
     dropout: float = 0.3,
+    decoder: bool = False,
 ) -> keras.Model:
     """Backbone -> ``cam_features`` (last conv map) -> ``cam_gap`` -> ``cam_dense`` softmax.
 
     ``backbone="small"``: blocks of two 3x3 Conv-BN-ReLU, max-pooling between
-    blocks (not after the last, to keep the map fine). Otherwise a Keras
-    application (``vgg16``...) with ``weights`` from a local file; only its last
-    ``trainable_blocks`` blocks are trained when weights are given.
+    blocks (not after the last, to keep the map fine). With ``decoder`` (and three
+    or more blocks) the network is U-shaped: the last block's map is upsampled
+    back, level by level, to the resolution of block 2 (half the input side), each
+    level concatenated with that block's map (skip connection) and refined by two
+    3x3 Conv-BN-ReLU (``up{b}_...``, ``filters[b - 1]`` channels); ``cam_features``
+    is that fine map, float32 (n, input_size / 2, input_size / 2, filters[1]), whose
+    cells see the deepest block's context (~29 px with three blocks, ~61 px with
+    four). Otherwise a Keras application (``vgg16``...) with ``weights`` from a
+    local file; only its last ``trainable_blocks`` blocks are trained when weights
+    are given.
     """
     if num_classes < 2:
         raise ValueError(f"Expected at least 2 classes. Received: num_classes={num_classes}.")
@@ -90,14 +98,19 @@ def build_cam_classifier(
         filters = tuple(int(f) for f in filters)
         check_image_size(input_size, multiple_of=2 ** (len(filters) - 1))
         inputs = keras.Input((input_size, input_size, channels), name="image")
-        x = inputs
+        x, skips = inputs, {}
         for b, f in enumerate(filters, start=1):
-            for j in (1, 2):
-                x = keras.layers.Conv2D(f, 3, padding="same", use_bias=False, name=f"block{b}_conv{j}")(x)
-                x = keras.layers.BatchNormalization(momentum=0.9, name=f"block{b}_bn{j}")(x)
-                x = keras.layers.ReLU(name=f"block{b}_relu{j}")(x)
+            x = _conv_bn_relu(x, f, f"block{b}")
+            skips[b] = x
             if b < len(filters):
                 x = keras.layers.MaxPooling2D(name=f"block{b}_pool")(x)
+        if decoder:
+            # back up to block 2's resolution, not to the input's: a map cell of 2x2 px is fine
+            # enough for the smallest defect, and each level finer would cost 4x the last one
+            for b in range(len(filters) - 1, 1, -1):
+                x = keras.layers.UpSampling2D(name=f"up{b}_upsample")(x)
+                x = keras.layers.Concatenate(name=f"up{b}_concat")([x, skips[b]])
+                x = _conv_bn_relu(x, filters[b - 1], f"up{b}")
         features = x
     elif backbone in BACKBONES:
         base = build_backbone_extractor(backbone, input_size=input_size, weights=weights)
@@ -116,13 +129,23 @@ def build_cam_classifier(
     return keras.Model(inputs, outputs, name=f"cam_{backbone}")
 
 
+def _conv_bn_relu(x: Any, filters: int, prefix: str) -> Any:
+    """Two 3x3 Conv-BN-ReLU named ``{prefix}_conv{j}``, ``{prefix}_bn{j}``, ``{prefix}_relu{j}``."""
+    for j in (1, 2):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{prefix}_conv{j}")(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"{prefix}_bn{j}")(x)
+        x = keras.layers.ReLU(name=f"{prefix}_relu{j}")(x)
+    return x
+
+
 #: side, in map cells, of the neighbourhood whose mean defect probability scores an image
 #: (pixel-supervised CAM): 3 cells = 6 px at 64 px with one pooling, about the smallest defect
 SCORE_WINDOW = 3
 
 
-def _default_filters(synthetic: bool) -> tuple[int, ...]:
-    """Blocks of the small CNN: two when it learns self-made defects, three for labelled classes.
+def _default_filters(synthetic: bool, decoder: bool = False) -> tuple[int, ...]:
+    """Blocks of the small CNN: three with a decoder (U-shaped, the map back at block 2's
+    resolution); without one, two when it learns self-made defects, three for labelled classes.
 
     A defect is local: with two blocks a map cell sees ~13 px, and the map's peak
     lands in the pasted gravel patch for every seed tried (brick benchmark, seeds
@@ -134,7 +157,7 @@ def _default_filters(synthetic: bool) -> tuple[int, ...]:
     epochs, a 70/30 split; an offline script, not in the repo: test accuracy
     99.4% with three blocks, 98.5% with two).
     """
-    return (32, 64) if synthetic else (32, 64, 128)
+    return (32, 64) if synthetic and not decoder else (32, 64, 128)
 
 
 def random_shifts(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
@@ -202,6 +225,7 @@ class CamDetector(BaseDetector):
         shift: int = 0,
         flips: bool = False,
         pixel_loss: bool = True,
+        decoder: bool | None = None,
         seed: int = 0,
     ) -> None:
         self.input_size = input_size
@@ -221,6 +245,7 @@ class CamDetector(BaseDetector):
         self.shift = shift
         self.flips = flips
         self.pixel_loss = pixel_loss
+        self.decoder = decoder
         self.seed = seed
 
     def fit(self, images: ImageBatch, labels: Sequence[Any] | None = None, *, verbose: int = 0) -> CamDetector:
@@ -257,14 +282,17 @@ class CamDetector(BaseDetector):
         self.classes_ = classes
         y = np.array([classes.index(v) for v in names], dtype=np.int64)
         train_idx, val_idx = split_validation(n, self.validation_fraction, self.seed)
+        # None: U-shaped for the one-class small CNN, whose map is trained per cell
+        decoder = self.decoder if self.decoder is not None else synthetic and self.backbone == "small"
         self.model_ = build_cam_classifier(
             num_classes=len(classes),
             input_size=self.input_size,
             channels=self.channels,
             backbone=self.backbone,
-            filters=self.filters if self.filters is not None else _default_filters(synthetic),
+            filters=self.filters if self.filters is not None else _default_filters(synthetic, decoder),
             weights=self.weights,
             trainable_blocks=self.trainable_blocks,
+            decoder=decoder,
         )
         learning_rate: Any = self.learning_rate
         if self.schedule == "cosine":
@@ -285,7 +313,7 @@ class CamDetector(BaseDetector):
         defect = len(classes) - 1
         x_val, y_val = xb[val_idx], self._targets(y[val_idx], None, pixel)
         if synthetic and len(val_idx):
-            x_bad, m_bad = make_defects_with_masks(x_val, rng, kinds=kinds)
+            x_bad, m_bad = self._make_defects(x_val, rng, kinds)
             x_val = np.concatenate([x_val, x_bad])
             y_val = np.concatenate([y_val, self._targets(np.full(len(val_idx), defect), m_bad, pixel)])
         history: dict[str, list[float]] = {}
@@ -296,7 +324,7 @@ class CamDetector(BaseDetector):
             if self.flips:
                 x_tr = random_flips(x_tr, rng)
             if synthetic:  # fresh defects every epoch: they never repeat
-                x_bad, m_bad = make_defects_with_masks(x_tr, rng, kinds=kinds)
+                x_bad, m_bad = self._make_defects(x_tr, rng, kinds)
                 x_tr = np.concatenate([x_tr, x_bad])
                 y_tr = np.concatenate([y_tr, self._targets(np.full(len(train_idx), defect), m_bad, pixel)])
             h = trained.fit(
@@ -332,6 +360,15 @@ class CamDetector(BaseDetector):
     def pixel_supervised_(self) -> bool:
         """True when the map itself was trained on the self-made defects' masks."""
         return bool(self.pixel_loss) and DEFECT_CLASS in self.classes_
+
+    def _make_defects(
+        self, images: np.ndarray, rng: np.random.Generator, kinds: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (n, s, s, c) normal images -> (uint8 (n, s, s, c) with one self-made defect each,
+        float32 (n, s, s) masks in [0, 1]): ``detectors.defects.make_defects_with_masks``. A
+        method so that a measurement (``bench/ceiling.py``) can train the same network on
+        other defects; the detector itself never sees any but its own."""
+        return make_defects_with_masks(images, rng, kinds=kinds)
 
     def _pixel_model(self) -> keras.Model:
         """The classifier's own layers, read per map cell: ``cam_dense`` applied to every cell of
@@ -459,7 +496,8 @@ class CamDetector(BaseDetector):
     def from_files(cls, files: Mapping[str, bytes]) -> CamDetector:
         meta = cls._read_metadata(files, cls.name)
         # a bundle from before pixel_loss existed was trained on image labels only
-        det = cls(**({"pixel_loss": False} | meta["params"]))
+        # a bundle from before ``decoder`` existed has the plain small CNN
+        det = cls(**({"pixel_loss": False, "decoder": False} | meta["params"]))
         det.model_ = keras_from_bytes(files["model.keras"])
         det.classes_ = list(meta["classes"])
         det.history_ = meta.get("history", {})

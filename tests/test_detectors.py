@@ -166,6 +166,25 @@ def test_cam_classifier_layers_are_named() -> None:
         build_cam_classifier(num_classes=1)
 
 
+def test_u_shaped_cam_maps_at_block_two_with_the_deepest_context(digits16: Any) -> None:
+    """With ``decoder`` the map comes back to block 2's resolution (half the input side) through
+    skip connections; a one-class CAM gets it by default, is trained on it and saves/loads it."""
+    model = build_cam_classifier(num_classes=2, input_size=16, filters=(4, 8, 16), decoder=True)
+    assert model.get_layer("cam_features").output.shape[1:] == (8, 8, 8)  # 16 px / 2, filters[1] channels
+    assert model.get_layer("up2_concat").output.shape[-1] == 16 + 8  # upsampled block 3 + block 2's skip
+    plain = build_cam_classifier(num_classes=2, input_size=16, filters=(4, 8, 16))
+    assert plain.get_layer("cam_features").output.shape[1:] == (4, 4, 16)
+    images, labels = digits16
+    det = CamDetector(input_size=16, epochs=1, filters=(4, 8, 16)).fit(images[labels == 0][:24])
+    assert det.model_.get_layer("up2_conv2") is not None and det.cam_map_shape_ == (8, 8)
+    s = det.score(images[:6])
+    assert s["cam_map"].shape == (6, 64)
+    again = CamDetector.from_files(det.to_files())
+    np.testing.assert_allclose(again.score(images[:6])["cam_anomaly"], s["cam_anomaly"])
+    labelled = CamDetector(input_size=16, epochs=1, filters=(4, 8, 16)).fit(images[:24], labels[:24])
+    assert labelled.cam_map_shape_ == (4, 4)  # classes keep the plain network
+
+
 def test_grid_mean_pools_cells_in_order() -> None:
     from detectors.maps import grid_mean
 
@@ -272,7 +291,8 @@ def test_cam_bundle_from_before_pixel_loss_scores_as_it_was_trained(fitted: dict
     files = dict(fitted["cam"].to_files())
     meta = json.loads(files["meta.json"])
     meta["params"].pop("pixel_loss")
+    meta["params"].pop("decoder")
     files["meta.json"] = json.dumps(meta).encode()
     old = CamDetector.from_files(files)
-    assert old.pixel_loss is False and not old.pixel_supervised_
+    assert old.pixel_loss is False and not old.pixel_supervised_ and old.decoder is False
     assert fitted["cam"].pixel_supervised_  # type: ignore[attr-defined]
