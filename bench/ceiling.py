@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -98,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ValueError, json.JSONDecodeError) as e:
         p.error(str(e))
     lines = [
-        f"Command: `PYTHONPATH=. python bench/ceiling.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+        f"Command: `PYTHONPATH=. python bench/ceiling.py {shlex.join(sys.argv[1:] if argv is None else argv)}`",
         "",
         "| archive | defect | cam_anomaly AUROC | peaks inside | fit CPU-s |",
         "|---|---|---|---|---|",
