@@ -1,0 +1,295 @@
+"""Re-fuse the scores ``bench/accuracy.py --keep DIR`` wrote, under other fusion rules, without refitting.
+
+    PYTHONPATH=. python bench/fusion_rules.py DIR [DIR ...] [--rules ...] [--why N]
+    PYTHONPATH=. python bench/fusion_rules.py --simulate
+
+``detectors.fusion`` turns each declared column into a tail p-value against the
+detector's held-out calibration sample and combines them (Cauchy). Its choices
+are (1) how p extrapolates beyond the calibration sample's upper decile and (2)
+how the p-values combine. Calibration samples are small on small archives (a
+tenth of the training images: ~12 for one digit, 30 for a 300-crop texture), so
+(1) decides how far one column's fitted tail can be trusted. The rules compared:
+
+* ``current``: what ``detectors.fusion`` does now (a generalised Pareto tail with
+  its shape and scale integrated out; see its docstring);
+* ``exponential``: the imgscan rule before 2026-12-03 (an exponential fitted to
+  the top decile, at least ``MIN_TAIL`` scores, its scale their mean excess);
+* ``predictive``: that exponential with only its rate integrated out (Jeffreys
+  prior): ``p = p_u (1 + t/S)^-k`` for an excess t over the threshold u, S the
+  k exceedances' summed excess (a Lomax tail);
+* ``empirical``: no extrapolation (p floors at ``1/(m+1)`` beyond the sample);
+* and, over ``predictive`` tails, two other combinations: ``fisher``
+  (independence assumed) and ``bonferroni`` (min p times the number of columns).
+
+Each kept run (``digitN`` or an archive) gives AUROCs: one per digit (the
+digit against the others), one per archive and defect kind (its normal crops
+against that kind's), and the share of normal test images whose fused p falls
+below 0.1 / 0.01 / 0.001 (a p that reads as a probability keeps each share at
+most its level; the body, above ~0.1, is not claimed: see ``P_CAP``).
+``--simulate`` checks the tail rules where the truth is known: calibration
+samples of 12-1,000 scores from light- and heavy-tailed distributions, and the
+share of new scores of the same distribution whose p falls below 0.01 / 0.001.
+``--why N`` prints, for the N normal images that score highest under the
+current rule in each digit, which column's p led.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats
+from sklearn.metrics import roc_auc_score
+
+from detectors import fusion
+from detectors.fusion import DIRECTIONS, MIN_TAIL, P_CAP, P_FLOOR, combine_pvalues, tail_pvalue
+
+TailRule = Callable[[np.ndarray, Mapping[str, Any], str], np.ndarray]
+
+
+@dataclass
+class Run:
+    name: str  # digitN or an archive
+    labels: np.ndarray  # str (n,): the digit, or "" (normal crop) / the defect kind
+    scores: dict[str, np.ndarray]  # column -> float64 (n,)
+    calibration: dict[str, dict[str, Any]]  # column -> calibration statistics
+    columns: list[str]  # the declared anomaly columns, in the detectors' order
+
+
+def load(directory: str) -> list[Run]:
+    runs = []
+    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+        stem = path[: -len(".json")]
+        with open(path) as f:
+            meta = json.load(f)
+        z = np.load(f"{stem}.npz")
+        cols = [c for d in meta.values() for c in d["anomaly_columns"]]
+        calib = {c: s for d in meta.values() for c, s in d["calibration"].items()}
+        scores = {k: z[k] for k in z.files if k != "labels"}
+        runs.append(Run(os.path.basename(stem), z["labels"], scores, calib, cols))
+    return runs
+
+
+def cells(run: Run) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(cell name, rows in the cell bool (n,), anomalous bool (n,)) of a run."""
+    if run.name.startswith("digit"):
+        d = run.name[len("digit") :]
+        return [(run.name, np.ones(len(run.labels), bool), run.labels != d)]
+    kinds = sorted(set(run.labels) - {""})
+    return [(f"{run.name}/{k}", (run.labels == "") | (run.labels == k), run.labels == k) for k in kinds]
+
+
+def _oriented(values: np.ndarray, calibration: Mapping[str, Any], direction: str) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(values, dtype=np.float64)
+    sample = np.asarray(calibration["sample"], dtype=np.float64)
+    return (-x, -sample[::-1]) if direction == "low" else (x, sample)
+
+
+def empirical_tail(values: np.ndarray, calibration: Mapping[str, Any], direction: str) -> np.ndarray:
+    x, sample = _oriented(values, calibration, direction)
+    m = sample.size
+    tail = np.arange(m, 0, -1, dtype=np.float64) / (m + 1)
+    return np.asarray(np.interp(x, sample, tail, left=1.0, right=tail[-1]))
+
+
+#: the share of the calibration the exponential tail was fitted to until 2026-12-03
+OLD_TAIL_FRACTION = 0.1
+
+
+def _tail_start(sample: np.ndarray, fraction: float | None = None) -> tuple[np.ndarray, int, float]:
+    """(plotting positions (m,), k exceedances, threshold u) as detectors.fusion has them
+    (or with another share of the sample in the tail)."""
+    m = sample.size
+    share = fusion.TAIL_FRACTION if fraction is None else fraction
+    k = min(m, max(MIN_TAIL, math.ceil(share * m)))
+    return np.arange(m, 0, -1, dtype=np.float64) / (m + 1), k, float(sample[m - k])
+
+
+def exponential_tail(values: np.ndarray, calibration: Mapping[str, Any], direction: str) -> np.ndarray:
+    x, sample = _oriented(values, calibration, direction)
+    tail, k, u = _tail_start(sample, OLD_TAIL_FRACTION)
+    p = np.interp(x, sample, tail, left=1.0, right=tail[-1])
+    scale = max(float(np.mean(sample[-k:] - u)), 1e-9 * (abs(u) + float(np.std(sample)) + 1e-12))
+    above = x > u
+    p[above] = tail[-k] * np.exp(-(x[above] - u) / scale)
+    return np.asarray(p)
+
+
+def predictive_tail(values: np.ndarray, calibration: Mapping[str, Any], direction: str) -> np.ndarray:
+    x, sample = _oriented(values, calibration, direction)
+    tail, k, u = _tail_start(sample)
+    p = np.interp(x, sample, tail, left=1.0, right=tail[-1])
+    total = max(float(np.sum(sample[-k:] - u)), k * 1e-9 * (abs(u) + float(np.std(sample)) + 1e-12))
+    above = x > u
+    p[above] = tail[-k] * (1.0 + (x[above] - u) / total) ** (-k)
+    return np.asarray(p)
+
+
+def fisher(pvalues: Sequence[np.ndarray]) -> np.ndarray:
+    p = np.clip(np.stack(pvalues), P_FLOOR, P_CAP)
+    return np.asarray(stats.chi2.sf(-2 * np.log(p).sum(axis=0), 2 * len(pvalues)))
+
+
+def bonferroni(pvalues: Sequence[np.ndarray]) -> np.ndarray:
+    p = np.clip(np.stack(pvalues), P_FLOOR, P_CAP)
+    return np.asarray(np.minimum(1.0, p.min(axis=0) * len(pvalues)))
+
+
+RULES: dict[str, tuple[TailRule, Callable[[Sequence[np.ndarray]], np.ndarray]]] = {
+    "current": (tail_pvalue, combine_pvalues),  # whatever detectors.fusion does now
+    "exponential": (exponential_tail, combine_pvalues),
+    "predictive": (predictive_tail, combine_pvalues),
+    "empirical": (empirical_tail, combine_pvalues),
+    "fisher": (predictive_tail, fisher),
+    "bonferroni": (predictive_tail, bonferroni),
+}
+
+
+def column_pvalues(run: Run, tail: TailRule) -> dict[str, np.ndarray]:
+    return {c: tail(run.scores[c], run.calibration[c], DIRECTIONS[c]) for c in run.columns}
+
+
+def fused(run: Run, rule: str) -> np.ndarray:
+    tail, combine = RULES[rule]
+    p = column_pvalues(run, tail)
+    return -np.log10(np.clip(combine(list(p.values())), P_FLOOR, 1.0))
+
+
+def table(runs: Sequence[Run], rules: Sequence[str]) -> str:
+    single = sorted({c for r in runs for c in r.columns}, key=lambda c: list(DIRECTIONS).index(c))
+    head = "| cell | " + " | ".join(rules) + " | " + " | ".join(single) + " |"
+    lines = [head, "|---|" + "---|" * (len(rules) + len(single))]
+    sums: dict[str, list[float]] = {}
+    for run in runs:
+        for name, keep, y in cells(run):
+            vals = {rule: roc_auc_score(y[keep], fused(run, rule)[keep]) for rule in rules}
+            for c in single:
+                if c in run.columns:
+                    s = run.scores[c][keep]
+                    vals[c] = roc_auc_score(y[keep], -s if DIRECTIONS[c] == "low" else s)
+                else:
+                    vals[c] = float("nan")
+            for k, v in vals.items():
+                sums.setdefault(k, []).append(v)
+            lines.append(f"| {name} | " + " | ".join(f"{vals[k]:.3f}" for k in [*rules, *single]) + " |")
+    means = [float(np.nanmean(sums[k])) for k in [*rules, *single]]
+    lines.append("| **mean** | " + " | ".join(f"**{v:.4f}**" for v in means) + " |")
+    return "\n".join(lines)
+
+
+def validity(runs: Sequence[Run], rules: Sequence[str], levels: Sequence[float] = (0.1, 0.01, 0.001)) -> str:
+    """Share of the normal test images whose fused p is below each level (a valid p: at most the level),
+    pooled over the runs, and per column (the predictive and exponential tails)."""
+    normal_p: dict[str, list[np.ndarray]] = {}
+    for run in runs:
+        normal = run.labels == (run.name[len("digit") :] if run.name.startswith("digit") else "")
+        for rule in rules:
+            normal_p.setdefault(rule, []).append(10 ** -fused(run, rule)[normal])
+        for tail_name in ("current", "exponential"):
+            for c, pv in column_pvalues(run, RULES[tail_name][0]).items():
+                normal_p.setdefault(f"{tail_name}:{c}", []).append(pv[normal])
+    lines = [
+        "| normal images' p | n | " + " | ".join(f"< {a:g}" for a in levels) + " |",
+        "|---|---|" + "---|" * len(levels),
+    ]
+    for key, parts in normal_p.items():
+        p = np.concatenate(parts)
+        lines.append(f"| {key} | {p.size} | " + " | ".join(f"{np.mean(p < a):.4f}" for a in levels) + " |")
+    return "\n".join(lines)
+
+
+SIMULATED: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
+    "normal": lambda rng, n: rng.normal(size=n),
+    "gamma(2)": lambda rng, n: rng.gamma(2.0, size=n),
+    "chi2(1)": lambda rng, n: rng.chisquare(1, size=n),
+    "lognormal": lambda rng, n: rng.lognormal(0.0, 1.0, size=n),
+    "student t(3)": lambda rng, n: rng.standard_t(3, size=n),
+}
+
+
+def simulate(sizes: Sequence[int] = (12, 30, 100, 1000), repeats: int = 100, draws: int = 2000) -> str:
+    """Validity of each tail rule where the truth is known: ``repeats`` calibration samples of m
+    scores from a distribution, each followed by ``draws`` new scores of the same distribution;
+    the share of new scores with p below 0.01 and 0.001 (a valid p: at most the level)."""
+    from detectors.base import calibration_stats
+
+    rules = ("current", "exponential", "predictive")
+    head = "| m | scores | " + " | ".join(f"{r} < 0.01 | {r} < 0.001" for r in rules)
+    head += " | current: -log10 p at 2x / 5x the sample's max (median) |"
+    lines = [head, "|---|---|" + "---|" * (2 * len(rules) + 1)]
+    rng = np.random.default_rng(0)
+    for m in sizes:
+        for name, draw in SIMULATED.items():
+            p: dict[str, list[np.ndarray]] = {r: [] for r in rules}
+            far = []
+            for _ in range(repeats if m < 1000 else max(1, repeats // 10)):
+                scores = draw(rng, m)
+                cal = json.loads(json.dumps(calibration_stats(scores)))  # as stored in meta.json
+                x = draw(rng, draws)
+                for r in rules:
+                    p[r].append(RULES[r][0](x, cal, "high"))
+                top = float(scores.max())
+                far.append(-np.log10(tail_pvalue(np.array([2 * top, 5 * top]), cal, "high")))
+            cells = [f"{np.mean(np.concatenate(p[r]) < a):.4f}" for r in rules for a in (0.01, 0.001)]
+            two, five = np.median(far, axis=0)
+            lines.append(f"| {m} | {name} | " + " | ".join(cells) + f" | {two:.1f} / {five:.1f} |")
+    return "\n".join(lines)
+
+
+def why(runs: Sequence[Run], n: int, rule: str = "current") -> str:
+    """For the ``n`` normal images of each digit run that the rule scores highest: the leading column and its p."""
+    out = []
+    tail, _ = RULES[rule]
+    for run in runs:
+        for name, keep, y in cells(run):
+            p = column_pvalues(run, tail)
+            score = fused(run, rule)
+            normal = np.flatnonzero(keep & ~y)
+            top = normal[np.argsort(-score[normal])[:n]]
+            anomalous = keep & y
+            for i in top:
+                lead = min(p, key=lambda c: p[c][i])
+                beats = float(np.mean(score[anomalous] < score[i]))
+                out.append(
+                    f"{name}: normal row {i} fused {score[i]:.2f} (above {100 * beats:.1f}% of anomalies), "
+                    f"led by {lead} p={p[lead][i]:.2e} (m={run.calibration[lead]['n']})"
+                )
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("dirs", nargs="*", help="directories written by bench/accuracy.py --keep")
+    p.add_argument("--simulate", action="store_true", help="the tails' validity on simulated scores (no DIR needed)")
+    p.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES))
+    p.add_argument("--tail-fraction", type=float, help=f"the share in the fitted tail (now {fusion.TAIL_FRACTION})")
+    p.add_argument("--why", type=int, default=0, metavar="N", help="explain the N highest-scoring normal images")
+    args = p.parse_args(argv)
+    if args.tail_fraction is not None:
+        fusion.TAIL_FRACTION = args.tail_fraction
+    if args.simulate:
+        print(simulate())
+    if not args.dirs:
+        if not args.simulate:
+            p.error("give DIR (from bench/accuracy.py --keep) or --simulate")
+        return
+    runs = [r for d in args.dirs for r in load(d)]
+    if not runs:
+        p.error(f"no kept runs (*.json + *.npz) in {args.dirs}")
+    print(table(runs, args.rules))
+    print()
+    print(validity(runs, args.rules))
+    if args.why:
+        print(why(runs, args.why), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
