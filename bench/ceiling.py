@@ -30,9 +30,9 @@ AUROC / peaks inside):
 * ``--params '{"decoder": true}'`` (U-shaped, ``detectors.cam.build_cam_classifier``),
   ``--cells grass:stain grass:scratch --epochs 60``: 0.619 / 30%, 0.510 / 15% (908 CPU-s).
 
-So even shown the very defects it is tested on, a CAM of this size stays at 0.51-0.69 on
-these six cells: the issue's 0.95 there is out of reach of this network at this contrast
-and resolution, whatever the self-made defects.
+So even shown the very defects it is tested on, a CAM of this size and training budget
+(up to 60 epochs of 300 crops) stays at 0.51-0.69 on these six cells: better self-made
+defects alone cannot bring the one-class CAM to the issue's 0.95 there.
 """
 
 from __future__ import annotations
