@@ -58,7 +58,8 @@ The rule, in two steps:
 
 ``anomaly_score = -log10(p)``: higher is more anomalous (at least
 ``log10(2)``), and a value reads the same across nights and bundles: 3 means
-one normal image in 1,000 scores as high. Its tail is therefore known by
+at most one normal image in 1,000 scores as high (fewer when the calibration
+is small: the tail then claims only what its scores support). Its tail is therefore known by
 construction (``null_calibration``): the reducer's ``calibrated:0.999``
 threshold on it is 3.0.
 """
@@ -239,7 +240,7 @@ def null_calibration() -> dict[str, Any]:
         "quantiles": {str(q): round(float(-np.log10(1.0 - q)), 12) for q in NULL_LEVELS},
         "min": float(-np.log10(P_CAP)),
         "max": float(-np.log10(P_FLOOR)),
-        "source": "by construction: -log10 of a combined tail p-value, exact in the tail",
+        "source": "by construction: -log10 of a combined tail p-value (normal images pass Q at most 1 - Q of the time)",
         "no_ks": "anomaly_score's body depends on how the detectors correlate: drift is read from each score",
     }
 
