@@ -130,7 +130,10 @@ def tail_pvalue(values: np.ndarray, calibration: Mapping[str, Any], direction: D
         excess = sample[m - k :] - u
         # equal exceedances (a discrete score): a scale of the data's spread, so p still falls beyond them
         unit = max(float(np.mean(excess)), 1e-9 * (abs(u) + float(np.std(sample)) + 1e-12))
-        p[above] = tail[m - k] * _predictive_survival((x[above] - u) / unit, excess / unit)
+        # p at u as the body reads it (with ties at u, np.interp takes the last of them), so p
+        # does not rise as x passes u
+        p_u = float(np.interp(u, sample, tail))
+        p[above] = p_u * _predictive_survival((x[above] - u) / unit, excess / unit)
     with np.errstate(invalid="ignore"):
         out = np.clip(p, P_FLOOR, 1.0)
     out[np.isnan(x)] = np.nan
