@@ -17,7 +17,7 @@ ANOMALY_SCORE = ScoreColumn(
     "anomaly_score",
     "float64",
     "high",
-    "-log10 of the combined tail probability of the detectors' meaningful scores (3 = 1 normal image in 1,000)",
+    "-log10 of the combined tail probability of the detectors' meaningful scores (3 = at most 1 normal image in 1,000)",
 )
 
 COLUMNS: dict[str, tuple[ScoreColumn, ...]] = {

@@ -279,6 +279,27 @@ def read_model_facts(uri: str | None, storage_options: StorageOptions | None) ->
     return facts
 
 
+#: held-out normal scores per declared column below which a calibrated anomaly_score threshold is
+#: hard to reach: from 100 (gamma-like) scores, one 5x beyond the largest gets p ~ 1e-3.4 (detectors.fusion)
+FEW_CALIBRATION = 100
+
+
+def few_calibration(facts: ModelFacts) -> str | None:
+    """A one-line note when the bundle's calibration is too small for anomaly_score to reach a calibrated
+    threshold easily (its tail is honest about what so few normal scores show), else None."""
+    if not facts.anomaly_columns:
+        return None
+    sizes = [int(facts.calibration.get(c, {}).get("n") or 0) for c in facts.anomaly_columns]
+    n = min((k for k in sizes if k > 0), default=FEW_CALIBRATION)
+    if n >= FEW_CALIBRATION:
+        return None
+    return (
+        f"note: the bundle's detectors kept as few as {n} held-out normal scores (a bundle trained on "
+        f"~{10 * n} images); from so few, anomaly_score puts an image at 1 in 1,000 only far beyond all "
+        f"of them. To flag more, rank by anomaly_score, use --rule {FUSED}=quantile:Q, or train on more images."
+    )
+
+
 # -- the reducer -------------------------------------------------------------------------------
 
 
@@ -360,6 +381,10 @@ def reduce(cfg: ReduceConfig) -> dict[str, Any]:
         if name in thresholds:
             t = c.threshold = thresholds[name]
             log(f"{name}: {t.rule} -> {t.value:.6g} ({c.direction} is anomalous, n={t.n})")
+    fused = columns.get(FUSED)
+    few = few_calibration(facts)
+    if fused is not None and fused.threshold is not None and fused.threshold.rule.startswith("calibrated") and few:
+        log(few)
 
     mismatch = _mismatch_classes(facts, stats, mismatch_on)
     flagged = _flag_pass(run, columns, cfg, mismatch, stats)

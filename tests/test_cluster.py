@@ -290,3 +290,23 @@ def test_nightly_scan_submitted_once_per_night(cluster: Cluster, archive: dict[s
     assert {a.node_id for a in actors if "ScoreActor" in a.class_name} == set(cluster.node_ids)
     with pytest.raises(RuntimeError, match=sub_id):  # the same night submitted again
         JobSubmissionClient(cluster.dashboard).submit_job(entrypoint="python -m jobs --help", submission_id=sub_id)
+
+
+@pytest.mark.heavy
+@pytest.mark.cluster
+def test_audit_trains_its_folds_on_both_nodes(cluster: Cluster, archive: dict[str, str]) -> None:
+    """`audit` through the Jobs API: each fold is a Ray task, and on two nodes of one CPU the two
+    folds (0.75 CPU each) can only run one per node; every image gets its out-of-fold row."""
+    import pyarrow.parquet as pq
+    from ray.util.state import list_tasks
+
+    out = f"{archive['root']}/audit"
+    argv = ["audit", "--source", archive["source"], "--out", out, "--folds", "2", "--image-size", "16"]
+    status, logs, job_id = submit_and_wait(cluster, [*argv, "--epochs", "2"])
+    assert status == "SUCCEEDED", logs[-5000:]
+    assert f"audited {N_IMAGES} images (0 unreadable, left out) in 10 classes" in logs
+    oof = pq.read_table(f"{out}/out_of_fold.parquet")
+    assert oof.num_rows == len(set(oof.column("image_id").to_pylist())) == N_IMAGES
+    tasks = list_tasks(address=cluster.dashboard, filters=[("job_id", "=", job_id)], detail=True, limit=10_000)
+    fold_nodes = {t.node_id for t in tasks if "_fold_task" in t.name}
+    assert fold_nodes == set(cluster.node_ids), sorted((t.name, t.node_id) for t in tasks)

@@ -65,6 +65,14 @@ def test_tail_pvalue_stays_a_probability_on_a_small_calibration(draw: str) -> No
     assert len(np.unique(beyond)) > 0.9 * len(beyond)
 
 
+def test_tail_pvalue_never_rises_with_the_score_even_on_tied_calibration_scores() -> None:
+    """A discrete score (most normal images at 0): p only falls as the score grows, past ties too."""
+    x = np.array([-1.0, 0.0, 1e-12, 0.5, 1.0, 2.0, 1e6])
+    for sample in ([0.0] * 10 + [1.0, 1.0], [0.0] * 12, [5.0, 5.0], [0.0, 1.0, 2.0]):
+        p = tail_pvalue(x, _calibration(np.array(sample)), "high")
+        assert np.all(np.diff(p) <= 0) and np.all((p > 0) & (p <= 1)), (sample, p)
+
+
 def test_tail_pvalue_needs_a_calibration_sample() -> None:
     with pytest.raises(ValueError, match="calibration sample"):
         tail_pvalue(np.zeros(3), {"n": 10, "mean": 0.0}, "high")

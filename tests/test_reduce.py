@@ -209,7 +209,27 @@ def _fake_bundle(
     return root
 
 
-def test_default_flags_on_anomaly_score_and_shows_what_the_detectors_declare(tmp_path: Any) -> None:
+def test_a_small_calibration_is_said_when_anomaly_score_is_calibrated(tmp_path: Any, capsys: Any) -> None:
+    """18 held-out scores cannot put many images at 1 in 1,000: the reducer says so, in one line."""
+    rng = np.random.default_rng(4)
+    rows = make_rows(200, n_errors=0)
+    for r in rows:
+        r["anomaly_score"] = float(-np.log10(rng.uniform()))
+    model = _fake_bundle(
+        str(tmp_path / "model"),
+        {"recon_error": calibration_stats(rng.gamma(2.0, 0.01, size=18))},
+        ["0", "__defect__"],
+        declared={"autoencoder": ["recon_error"], "cam": []},
+    )
+    results = write_run(str(tmp_path / "results"), split(rows, 2), model_uri=model)
+    reduce(ReduceConfig(results, str(tmp_path / "out"), rules=("calibrated", "cam_mismatch=off"), report=False))
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert len(notes) == 1 and "as few as 18 held-out normal scores" in notes[0] and "quantile:Q" in notes[0]
+    reduce(ReduceConfig(results, str(tmp_path / "out2"), rules=("quantile:0.99", "cam_mismatch=off"), report=False))
+    assert "note:" not in capsys.readouterr().err  # said only where the calibrated rule is used
+
+
+def test_default_flags_on_anomaly_score_and_shows_what_the_detectors_declare(tmp_path: Any, capsys: Any) -> None:
     """The fused score is thresholded by default; the declared scores are shown (histogram,
     ROC AUC) without flags; a score no detector declares (cam_prob of a CAM with an anomaly
     class, where a confident anomaly has a HIGH cam_prob) is neither, unless a rule names it."""
@@ -234,6 +254,8 @@ def test_default_flags_on_anomaly_score_and_shows_what_the_detectors_declare(tmp
     expected = {r["image_id"] for r in rows if r["status"] == "ok" and r["anomaly_score"] > 3.0}
     assert flagged_ids(out, "anomaly_score") == expected and s["flagged"]["overall"] == len(expected)
     assert s["anomaly_columns"] == ["recon_error", "cam_anomaly"]
+
+    assert "note:" not in capsys.readouterr().err  # 1,000 held-out scores: no word on a small calibration
 
     # each=RULE: every declared score flags on its own too; cam_prob only when named
     out2 = str(tmp_path / "out2")
