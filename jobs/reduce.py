@@ -300,6 +300,14 @@ def few_calibration(facts: ModelFacts) -> str | None:
     )
 
 
+def _notes(columns: Mapping[str, _Column], facts: ModelFacts) -> list[str]:
+    """What a reader of the flags should know about them (the log, summary.json and the report)."""
+    fused = columns.get(FUSED)
+    few = few_calibration(facts)
+    calibrated = fused is not None and fused.threshold is not None and fused.threshold.rule.startswith("calibrated")
+    return [few] if few and calibrated else []
+
+
 # -- the reducer -------------------------------------------------------------------------------
 
 
@@ -381,10 +389,8 @@ def reduce(cfg: ReduceConfig) -> dict[str, Any]:
         if name in thresholds:
             t = c.threshold = thresholds[name]
             log(f"{name}: {t.rule} -> {t.value:.6g} ({c.direction} is anomalous, n={t.n})")
-    fused = columns.get(FUSED)
-    few = few_calibration(facts)
-    if fused is not None and fused.threshold is not None and fused.threshold.rule.startswith("calibrated") and few:
-        log(few)
+    for note in _notes(columns, facts):
+        log(note)
 
     mismatch = _mismatch_classes(facts, stats, mismatch_on)
     flagged = _flag_pass(run, columns, cfg, mismatch, stats)
@@ -727,6 +733,7 @@ def _write_outputs(
         },
         "scores": per_score,
         "anomaly_columns": facts.anomaly_columns,
+        "notes": _notes(columns, facts),
         "labels": {"anomaly_label": cfg.anomaly_label, "labelled": st.n_labelled, "anomalies": st.n_anomalies},
         "skipped_scores": dict(skipped),
     }

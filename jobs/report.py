@@ -118,6 +118,7 @@ def _lead_section(s: Mapping[str, Any], t: Mapping[str, Any]) -> str:
         f"{FUSED} &ge; {th['value']:.3g} ({_e(th['rule'])}){_e(auc)}.</p>"
         f"<p class=meta>{FUSED} = &minus;log10 of the combined tail probability of {_e(', '.join(used))} "
         "against the bundle's held-out normal images: 3 means at most one normal image in 1,000 scores as high.</p>"
+        + "".join(f"<p class=meta>{_e(n)}</p>" for n in s.get("notes") or [])
     )
 
 
