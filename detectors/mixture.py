@@ -106,6 +106,7 @@ class MixtureDetector(BaseDetector):
         standardize: bool = False,
         local: bool = True,
         autoencoder_params: dict[str, Any] | None = None,
+        validation_fraction: float = 0.1,
         seed: int = 0,
     ) -> None:
         self.backbone = backbone
@@ -124,6 +125,7 @@ class MixtureDetector(BaseDetector):
         self.standardize = standardize
         self.local = local
         self.autoencoder_params = autoencoder_params
+        self.validation_fraction = validation_fraction
         self.seed = seed
 
     def fit(
@@ -165,7 +167,12 @@ class MixtureDetector(BaseDetector):
             self.extractor_ = build_backbone_extractor(
                 self.backbone, input_size=self.input_size, layer=self.layer, weights=self.weights
             )
-        train_idx, val_idx = split_validation(n, 0.1, self.seed)
+        # the same fraction and seed as the autoencoder's: the held-out images the encoder never
+        # trained on are the ones the mixture calibrates on. More held out on small sets did not
+        # pay: digits one-vs-rest with validation_fraction 0.24 for every detector (30 held-out
+        # scores, not 12): fused AUROC 0.9956 -> 0.9919 (``bench/accuracy.py --only digits --params
+        # '{"autoencoder": {"validation_fraction": 0.24}, "mixture": {...}, ...}' --keep D``)
+        train_idx, val_idx = split_validation(n, self.validation_fraction, self.seed)
         fmaps = self._feature_maps(xb[train_idx])
         pooled = grid_mean(fmaps, self.grid)
         self.global_ = self._mixture(pooled.shape[1], len(pooled), self.n_components, self.reg_covar).fit(pooled)
