@@ -50,7 +50,7 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from detectors import fusion
-from detectors.fusion import DIRECTIONS, MIN_TAIL, P_CAP, P_FLOOR, combine_pvalues, tail_pvalue
+from detectors.fusion import DIRECTIONS, MIN_TAIL, P_CAP, P_FLOOR, combine_pvalues, fuse, tail_pvalue
 
 TailRule = Callable[[np.ndarray, Mapping[str, Any], str], np.ndarray]
 
@@ -158,9 +158,17 @@ def column_pvalues(run: Run, tail: TailRule) -> dict[str, np.ndarray]:
 
 
 def fused(run: Run, rule: str) -> np.ndarray:
+    """float64 (n,) -log10 of the combined p under ``rule``; "current" is ``detectors.fusion.fuse`` itself."""
+    if rule == "current":
+        return fuse(run.scores, run.calibration, run.columns)
     tail, combine = RULES[rule]
     p = column_pvalues(run, tail)
     return -np.log10(np.clip(combine(list(p.values())), P_FLOOR, 1.0))
+
+
+def normal_rows(run: Run) -> np.ndarray:
+    """bool (n,): the run's normal test images (its digit, or the archive's crops without a defect)."""
+    return np.asarray(run.labels == (run.name[len("digit") :] if run.name.startswith("digit") else ""))
 
 
 def table(runs: Sequence[Run], rules: Sequence[str]) -> str:
@@ -169,8 +177,9 @@ def table(runs: Sequence[Run], rules: Sequence[str]) -> str:
     lines = [head, "|---|" + "---|" * (len(rules) + len(single))]
     sums: dict[str, list[float]] = {}
     for run in runs:
+        scores = {rule: fused(run, rule) for rule in rules}  # once per run, not per cell
         for name, keep, y in cells(run):
-            vals = {rule: roc_auc_score(y[keep], fused(run, rule)[keep]) for rule in rules}
+            vals = {rule: roc_auc_score(y[keep], scores[rule][keep]) for rule in rules}
             for c in single:
                 if c in run.columns:
                     s = run.scores[c][keep]
@@ -187,10 +196,10 @@ def table(runs: Sequence[Run], rules: Sequence[str]) -> str:
 
 def validity(runs: Sequence[Run], rules: Sequence[str], levels: Sequence[float] = (0.1, 0.01, 0.001)) -> str:
     """Share of the normal test images whose fused p is below each level (a valid p: at most the level),
-    pooled over the runs, and per column (the predictive and exponential tails)."""
+    pooled over the runs, and per column (the current and the exponential tails)."""
     normal_p: dict[str, list[np.ndarray]] = {}
     for run in runs:
-        normal = run.labels == (run.name[len("digit") :] if run.name.startswith("digit") else "")
+        normal = normal_rows(run)
         for rule in rules:
             normal_p.setdefault(rule, []).append(10 ** -fused(run, rule)[normal])
         for tail_name in ("current", "exponential"):
@@ -249,9 +258,9 @@ def why(runs: Sequence[Run], n: int, rule: str = "current") -> str:
     out = []
     tail, _ = RULES[rule]
     for run in runs:
+        p = column_pvalues(run, tail)
+        score = fused(run, rule)
         for name, keep, y in cells(run):
-            p = column_pvalues(run, tail)
-            score = fused(run, rule)
             normal = np.flatnonzero(keep & ~y)
             top = normal[np.argsort(-score[normal])[:n]]
             anomalous = keep & y

@@ -21,22 +21,23 @@ The rule, in two steps:
    So p keeps falling past the largest calibration score (an image far beyond
    every normal one ranks above one just beyond), but only as fast as the
    exceedances support: with hundreds of them (a calibration of 1,000) it is
-   close to the best-fitting tail; with 5 (a bundle trained on ~100 images keeps ~12 calibration
-   scores per detector) it falls polynomially. Why: the exponential fitted to 5
-   exceedances (the rule until 2026-12-03) claimed p = 1e-16 for normal digits
-   whose weak column (``gmm_local_loglik``) was heavier-tailed than 12 scores
-   showed: on the digits bench 5.0% of the normal test digits got a fused
-   p < 0.001 (0.1% by construction), and one-vs-rest AUROC for digit 2 was
-   0.910 while its best column had 1.000. With the integrated tail: 0.0% below
-   0.001, 0.56% below 0.01, digit 2 0.982, mean 0.9857 -> 0.9956
-   (``bench/fusion_rules.py`` on ``bench/accuracy.py --only digits --keep DIR``).
-   The top quarter, not the top tenth: more exceedances pin the shape down
-   (on simulated gamma scores with 1,000 calibration scores, -log10 p at 5x the
-   sample's maximum is 7.5 with a quarter, 5.9 with a tenth; new normal scores
-   below p = 0.001: 0.0000-0.0015 with a quarter over five distributions and 12
-   to 1,000 scores, 0.0000-0.0010 with a tenth: ``bench/fusion_rules.py
-   --simulate [--tail-fraction 0.1]``). Shapes below 0 are left out: a bounded tail (p = 0 beyond its end) fitted on
-   a few scores would put a hard end to the tail.
+   close to the best-fitting tail; with 5 (a bundle trained on ~100 images keeps
+   ~12 calibration scores per detector) it falls polynomially. Why: the
+   exponential fitted to 5 exceedances (the rule until 2026-12-03) claimed
+   p = 1e-16 for normal digits whose weak column (``gmm_local_loglik``) was
+   heavier-tailed than 12 scores showed: on the digits bench 5.0% of the normal
+   test digits got a fused p < 0.001 (0.1% by construction), and one-vs-rest
+   AUROC for digit 2 was 0.910 while its best column had 1.000. With the
+   integrated tail: 0.0% below 0.001, 0.56% below 0.01, digit 2 0.982, mean
+   0.9857 -> 0.9956 (``bench/fusion_rules.py`` on ``bench/accuracy.py --only
+   digits --keep DIR``). The top quarter, not the top tenth: more exceedances
+   pin the shape down (on simulated gamma scores with 1,000 calibration scores,
+   -log10 p at 5x the sample's maximum is 7.5 with a quarter, 5.9 with a tenth;
+   new normal scores below p = 0.001: 0.0000-0.0015 with a quarter over five
+   distributions and 12 to 1,000 scores, 0.0000-0.0010 with a tenth:
+   ``bench/fusion_rules.py --simulate [--tail-fraction 0.1]``). Shapes below 0
+   are left out: a bounded tail (p = 0 beyond its end) fitted on a few scores
+   would put a hard end to the tail.
 2. **Cauchy combination** (Liu & Xie 2020, "Cauchy combination test", JASA
    115:393): ``T = mean_i tan((0.5 - p_i) pi)``, ``p = 0.5 - arctan(T) / pi``,
    each p_i first capped at ``P_CAP = 0.5``. When the p_i are uniform (normal
@@ -59,8 +60,8 @@ The rule, in two steps:
 ``anomaly_score = -log10(p)``: higher is more anomalous (at least
 ``log10(2)``), and a value reads the same across nights and bundles: 3 means
 at most one normal image in 1,000 scores as high (fewer when the calibration
-is small: the tail then claims only what its scores support). Its tail is therefore known by
-construction (``null_calibration``): the reducer's ``calibrated:0.999``
+is small: the tail then claims only what its scores support). Its tail is
+therefore known by construction (``null_calibration``): the reducer's ``calibrated:0.999``
 threshold on it is 3.0.
 """
 
@@ -78,7 +79,7 @@ from detectors.columns import ANOMALY_SCORE, COLUMNS
 if TYPE_CHECKING:
     from detectors.base import BaseDetector
 
-#: share of the calibration sample, on the anomalous side, that the exponential tail is fitted to
+#: share of the calibration sample, on the anomalous side, that the tail is read from (at least ``MIN_TAIL``)
 TAIL_FRACTION = 0.25
 #: fewest exceedances the tail is fitted to (fewer calibration scores: all of them)
 MIN_TAIL = 5
@@ -152,9 +153,9 @@ def _predictive_survival(t: np.ndarray, excess: np.ndarray) -> np.ndarray:
     of the observed ``excess`` (k,) (both in units of the observed mean excess), on the grid."""
     grid_xi, grid_sigma = np.meshgrid(TAIL_SHAPES, TAIL_SCALES, indexing="ij")
     xi, sigma = grid_xi.ravel(), grid_sigma.ravel()
-    z = excess[None, :] / sigma[:, None]
-    safe = np.where(xi > 0, xi, 1.0)[:, None]
-    log_pdf = np.where(xi[:, None] > 0, -(1.0 / safe + 1.0) * np.log1p(safe * z), -z) - np.log(sigma)[:, None]
+    # the density is the survival to the power 1 + xi over sigma: log f = (1 + xi) log S - log sigma
+    log_surv = _gpd_log_survival(excess[None, :], xi[:, None], sigma[:, None])
+    log_pdf = (1.0 + xi[:, None]) * log_surv - np.log(sigma)[:, None]
     # the grid is uniform in log sigma, so its cells already carry the Jeffreys prior 1/sigma
     log_post = log_pdf.sum(axis=1)
     weight = np.exp(log_post - log_post.max())

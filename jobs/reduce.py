@@ -294,9 +294,9 @@ def few_calibration(facts: ModelFacts) -> str | None:
     if n >= FEW_CALIBRATION:
         return None
     return (
-        f"note: the bundle's detectors kept as few as {n} held-out normal scores (a bundle trained on "
-        f"~{10 * n} images); from so few, anomaly_score puts an image at 1 in 1,000 only far beyond all "
-        f"of them. To flag more, rank by anomaly_score, use --rule {FUSED}=quantile:Q, or train on more images."
+        f"note: the bundle's detectors kept as few as {n} held-out normal scores; from so few, "
+        "anomaly_score puts an image at 1 in 1,000 only far beyond all of them. To flag more, rank by "
+        f"anomaly_score, use --rule {FUSED}=quantile:Q, or train on more images."
     )
 
 
@@ -389,12 +389,13 @@ def reduce(cfg: ReduceConfig) -> dict[str, Any]:
         if name in thresholds:
             t = c.threshold = thresholds[name]
             log(f"{name}: {t.rule} -> {t.value:.6g} ({c.direction} is anomalous, n={t.n})")
-    for note in _notes(columns, facts):
+    notes = _notes(columns, facts)
+    for note in notes:
         log(note)
 
     mismatch = _mismatch_classes(facts, stats, mismatch_on)
     flagged = _flag_pass(run, columns, cfg, mismatch, stats)
-    return _write_outputs(cfg, run, columns, flagged, stats, skipped, mismatch, facts)
+    return _write_outputs(cfg, run, columns, flagged, stats, skipped, mismatch, facts, notes)
 
 
 def _plan_columns(rules: Rules, run: RunResults, facts: ModelFacts) -> tuple[dict[str, tuple[Rule, bool]], list[str]]:
@@ -677,6 +678,7 @@ def _write_outputs(
     skipped: Mapping[str, str],
     mismatch: _Mismatch | None,
     facts: ModelFacts,
+    notes: list[str],
 ) -> dict[str, Any]:
     so = cfg.storage_options
     run_id = run.run.get("run_id") or (sorted(st.run_ids)[0] if len(st.run_ids) == 1 else None)
@@ -733,7 +735,7 @@ def _write_outputs(
         },
         "scores": per_score,
         "anomaly_columns": facts.anomaly_columns,
-        "notes": _notes(columns, facts),
+        "notes": notes,
         "labels": {"anomaly_label": cfg.anomaly_label, "labelled": st.n_labelled, "anomalies": st.n_anomalies},
         "skipped_scores": dict(skipped),
     }
