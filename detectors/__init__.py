@@ -18,7 +18,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 #: detector names in training order (the classes are in ``DETECTORS``)
-DETECTOR_NAMES = ("autoencoder", "mixture", "cam", "ocsvm")
+DETECTOR_NAMES = ("autoencoder", "mixture", "cam", "ocsvm", "whitening")
 
 _LAZY = {
     "AutoencoderDetector": "detectors.autoencoder",
@@ -30,6 +30,7 @@ _LAZY = {
     "CamDetector": "detectors.cam",
     "build_cam_classifier": "detectors.cam",
     "MixtureDetector": "detectors.mixture",
+    "WhiteningDetector": "detectors.whitening",
 }
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from detectors.baseline import OcsvmDetector
     from detectors.cam import CamDetector, build_cam_classifier
     from detectors.mixture import MixtureDetector
+    from detectors.whitening import WhiteningDetector
 
     DETECTORS: dict[str, type[BaseDetector]]
 
@@ -49,6 +51,7 @@ def __getattr__(name: str) -> Any:
             "mixture": __getattr__("MixtureDetector"),
             "cam": __getattr__("CamDetector"),
             "ocsvm": __getattr__("OcsvmDetector"),
+            "whitening": __getattr__("WhiteningDetector"),
         }
         assert tuple(classes) == DETECTOR_NAMES
         globals()["DETECTORS"] = classes
@@ -70,6 +73,7 @@ __all__ = [
     "NotFittedError",
     "OcsvmDetector",
     "ScoreColumn",
+    "WhiteningDetector",
     "build_autoencoder",
     "build_cam_classifier",
 ]

@@ -46,4 +46,14 @@ COLUMNS: dict[str, tuple[ScoreColumn, ...]] = {
         ScoreColumn("cam_peak_x", "float32", None, "column of the map's peak, fraction of width"),
     ),
     "ocsvm": (ScoreColumn("ocsvm_score", "float64", "low", "OneClassSVM score of HOG features"),),
+    "whitening": (
+        ScoreColumn(
+            "white_excess", "float32", "high", "most unpredictable spot: whitened residual energy, in std of that pixel"
+        ),
+        ScoreColumn(
+            "white_deficit", "float32", "high", "smoothest spot: whitened residual energy below normal, in std"
+        ),
+        ScoreColumn("white_peak_y", "float32", None, "row of the most abnormal spot, fraction of height"),
+        ScoreColumn("white_peak_x", "float32", None, "column of the most abnormal spot, fraction of width"),
+    ),
 }

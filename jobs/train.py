@@ -20,7 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from detectors import DETECTORS, AutoencoderDetector, BaseDetector, CamDetector, MixtureDetector, OcsvmDetector
+from detectors import (
+    DETECTOR_NAMES,
+    DETECTORS,
+    AutoencoderDetector,
+    BaseDetector,
+    CamDetector,
+    MixtureDetector,
+    OcsvmDetector,
+    WhiteningDetector,
+)
 from detectors.base import fingerprint
 from detectors.preprocessing import resize_uint8
 from jobs.bundle import ModelBundle
@@ -28,14 +37,12 @@ from jobs.images import DRAFT_MARGIN, MAX_BYTES, MAX_PIXELS, check_limits, decod
 from jobs.sources import Shard, SourceError, list_shards, read_shard
 from jobs.storage import StorageError, StorageOptions, join, read_bytes, redact, write_bytes, write_json
 
-DEFAULT_DETECTORS = ("autoencoder", "mixture", "cam", "ocsvm")
-
 
 @dataclass(frozen=True)
 class TrainConfig:
     source: str
     out: str
-    detectors: tuple[str, ...] = DEFAULT_DETECTORS
+    detectors: tuple[str, ...] = DETECTOR_NAMES
     image_size: int = 32
     channels: int | None = None  # None: 3 if any image has colour, else 1
     epochs: int = 30
@@ -262,6 +269,7 @@ def fit_detectors(
             "anomaly_class": cfg.anomaly_label if have_labels else None,
         },
         "ocsvm": {"input_size": cfg.image_size, "seed": cfg.seed},
+        "whitening": common,
     }
     check_params(cfg.params)  # all of them before anything trains
     fitted: dict[str, BaseDetector] = {}
@@ -281,7 +289,7 @@ def fit_detectors(
             det.fit(x_normal, encoder=encoder, verbose=verbose)
         elif isinstance(det, CamDetector) and have_labels:
             det.fit(x_all, [str(lbl) for lbl in labels], verbose=verbose)
-        elif isinstance(det, AutoencoderDetector | CamDetector | OcsvmDetector):
+        elif isinstance(det, AutoencoderDetector | CamDetector | OcsvmDetector | WhiteningDetector):
             det.fit(x_normal, verbose=verbose)
         if cfg.weights is not None and getattr(det, "weights", None) == weights_path:
             det.weights = cfg.weights  # type: ignore[attr-defined]  # record the URI, not the temp copy

@@ -18,6 +18,7 @@ FAST: dict[str, dict[str, Any]] = {
     "mixture": {"input_size": 16, "n_components": 2, "autoencoder_params": {"epochs": 20, "filters": (8, 16)}},
     "cam": {"input_size": 16, "epochs": 2, "filters": (8, 16)},
     "ocsvm": {"input_size": 16},
+    "whitening": {"input_size": 16},
 }
 
 
@@ -127,7 +128,12 @@ def test_anomalies_score_worse_than_normal_digits(fitted: dict[str, BaseDetector
     images, labels = digits16
     held_out = images[labels == 0][80:]
     noise = np.random.default_rng(0).integers(0, 256, size=(20, 16, 16), dtype=np.uint8)
-    for name, col in [("autoencoder", "recon_error"), ("mixture", "gmm_loglik"), ("ocsvm", "ocsvm_score")]:
+    for name, col in [
+        ("autoencoder", "recon_error"),
+        ("mixture", "gmm_loglik"),
+        ("ocsvm", "ocsvm_score"),
+        ("whitening", "white_excess"),
+    ]:
         det = fitted[name]
         normal, odd = det.score(held_out)[col], det.score(noise)[col]
         if det.score_columns[col].direction == "low":

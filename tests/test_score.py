@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from detectors import AutoencoderDetector, CamDetector, MixtureDetector, OcsvmDetector
+from detectors import AutoencoderDetector, CamDetector, MixtureDetector, OcsvmDetector, WhiteningDetector
 from detectors.preprocessing import resize_uint8
 from jobs.bundle import ModelBundle
 from jobs.demo_data import (
@@ -35,11 +35,22 @@ from jobs.sources import Record, list_shards
 from jobs.storage import filesystem, join, read_bytes, write_bytes
 
 SIZE = 16
+#: the score columns compared against a direct call of the bundle
+SCORES = (
+    "recon_error",
+    "recon_local",
+    "gmm_loglik",
+    "gmm_local_loglik",
+    "cam_prob",
+    "ocsvm_score",
+    "white_excess",
+    "white_deficit",
+)
 
 
 @pytest.fixture(scope="module")
 def bundle_uri(tmp_path_factory: Any, digits16: tuple[np.ndarray, np.ndarray]) -> str:
-    """A real bundle of all four detectors, trained tiny at 16 px on real digits (once per module)."""
+    """A real bundle of every detector, trained tiny at 16 px on real digits (once per module)."""
     images, labels = digits16
     normal = images[labels == 0][:120]
     some = np.isin(labels, [0, 1, 2])
@@ -52,6 +63,7 @@ def bundle_uri(tmp_path_factory: Any, digits16: tuple[np.ndarray, np.ndarray]) -
             images[some][:300], [str(v) for v in labels[some][:300]]
         ),
         "ocsvm": OcsvmDetector(input_size=SIZE).fit(normal),
+        "whitening": WhiteningDetector(input_size=SIZE).fit(normal),
     }
     uri = str(tmp_path_factory.mktemp("bundle") / "model")
     ModelBundle(detectors=detectors, input_size=SIZE, channels=1).save(uri)
@@ -168,7 +180,7 @@ def _check_scores(results: pa.Table, bundle: ModelBundle, items: list[Sample]) -
             continue
         assert row["status"] == "ok" and row["error"] is None, row
         exp = expected[key]
-        for col in ("recon_error", "recon_local", "gmm_loglik", "gmm_local_loglik", "cam_prob", "ocsvm_score"):
+        for col in SCORES:
             assert row[col] == pytest.approx(float(exp[col]), rel=1e-4, abs=1e-5), (key, col)
         assert row["cam_pred"] == exp["cam_pred"]
         np.testing.assert_allclose(row["cam_map"], exp["cam_map"], rtol=1e-4, atol=1e-5)
@@ -195,7 +207,7 @@ def test_jpeg_scores_of_the_fast_path_match_the_full_decode(bundle: ModelBundle)
     fast = bundle.score(pixels_of(table, SIZE, 1))
     full_px = np.stack([resize_uint8(decode_image(s.data).pixels, SIZE, 1) for s in items])  # type: ignore[arg-type]
     full = bundle.score(full_px)
-    for col in ("recon_error", "recon_local", "gmm_loglik", "gmm_local_loglik", "cam_prob", "ocsvm_score"):
+    for col in SCORES:
         a, b = np.asarray(full[col], np.float64), np.asarray(fast[col], np.float64)
         assert np.abs(a - b).mean() <= FAST_SCORE_TOL * a.std(), (col, np.abs(a - b).mean(), a.std())
 

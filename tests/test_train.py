@@ -33,7 +33,7 @@ def test_train_writes_a_bundle_score_can_load(tmp_path: Any, capsys: Any) -> Non
     assert len(captured.out.splitlines()) == 1 and captured.out.startswith("trained "), captured.out  # epochs: stderr
     assert captured.err.count("Epoch 1/2") == 2 and captured.err.count("Epoch 2/2") == 2  # autoencoder, CAM
     bundle = ModelBundle.load(out)
-    assert set(bundle.detectors) == {"autoencoder", "mixture", "cam", "ocsvm"}
+    assert set(bundle.detectors) == {"autoencoder", "mixture", "cam", "ocsvm", "whitening"}
     assert bundle.training["n_images"] == 120 and bundle.training["n_skipped"] == 3
     assert bundle.training["n_normal"] == int((labels == 0).sum())
     assert bundle.detectors["cam"].classes_ == ["0", "1"]  # type: ignore[attr-defined]
