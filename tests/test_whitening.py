@@ -3,6 +3,8 @@ cannot predict is where the defect is."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -10,7 +12,7 @@ from skimage import data
 from skimage.draw import line_aa
 from sklearn.metrics import roc_auc_score
 
-from detectors.whitening import WhiteningDetector
+from detectors.whitening import ALIGNED_SHARE, WhiteningDetector
 
 SIZE = 32
 
@@ -82,3 +84,13 @@ def test_calibration_is_held_out_and_bad_sigma_is_a_clear_error(gravel: tuple[np
     assert np.median(det.score(test)["white_excess"]) < det.calibration_["white_excess"]["quantiles"]["0.95"]
     with pytest.raises(ValueError, match=r"Expected sigma > 0 \(px\)\. Received: sigma=0"):
         WhiteningDetector(sigma=0).fit(train)
+
+
+def test_an_aligned_archive_declares_excess_only(digits16: tuple[np.ndarray, np.ndarray], gravel: Any) -> None:
+    """Digits: the mean image carries most of the variance, and the smoothest spot of a digit
+    is its background; a texture's mean image is flat, and a smooth spot is a blur."""
+    images, labels = digits16
+    aligned = WhiteningDetector(input_size=16).fit(images[labels == 0])
+    assert float(aligned.aligned_share_) > ALIGNED_SHARE and aligned.anomaly_columns_ == ("white_excess",)
+    texture = WhiteningDetector(input_size=SIZE).fit(gravel[0])
+    assert float(texture.aligned_share_) < 0.1 and texture.anomaly_columns_ == ("white_excess", "white_deficit")
