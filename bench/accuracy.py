@@ -30,6 +30,9 @@ Two real-image benchmarks, every number from one run on the same seeded splits:
 The defects here are made by this file only; the CAM's self-made training
 defects (``detectors/defects.py``) are separate code that never sees these kinds'
 generators or the photos, so the table measures how detection carries over.
+``--archives`` also takes ``HELD_OUT_ARCHIVES`` (crops of five other images scikit-image
+ships: moon, retina, coins, cell, hubble_deep_field): the same defects on archives the
+tables do not show, to check a change there before it becomes a default.
 
 The imgscan detectors are built and fitted by ``jobs.train.fit_detectors``, as
 ``imgscan train`` does, with its defaults; only the image size is the one that

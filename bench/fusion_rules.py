@@ -1,6 +1,6 @@
 """Re-fuse the scores ``bench/accuracy.py --keep DIR`` wrote, under other fusion rules, without refitting.
 
-    PYTHONPATH=. python bench/fusion_rules.py DIR [DIR ...] [--rules ...] [--why N]
+    PYTHONPATH=. python bench/fusion_rules.py DIR [DIR ...] [--rules ...] [--why N] [--without DETECTOR ...]
     PYTHONPATH=. python bench/fusion_rules.py --simulate
 
 ``detectors.fusion`` turns each declared column into a tail p-value against the
@@ -30,7 +30,9 @@ most its level; the body, above ~0.1, is not claimed: see ``P_CAP``).
 samples of 12-1,000 scores from light- and heavy-tailed distributions, and the
 share of new scores of the same distribution whose p falls below 0.01 / 0.001.
 ``--why N`` prints, for the N normal images that score highest under the
-current rule in each digit, which column's p led.
+current rule in each digit, which column's p led. ``--without D`` fuses as if
+detector D had not been trained (its columns leave the fusion and the table): one
+run with a new detector gives the fused score with and without it.
 """
 
 from __future__ import annotations
@@ -64,16 +66,17 @@ class Run:
     columns: list[str]  # the declared anomaly columns, in the detectors' order
 
 
-def load(directory: str) -> list[Run]:
+def load(directory: str, without: Sequence[str] = ()) -> list[Run]:
+    """The kept runs of ``directory``; the detectors in ``without`` left out."""
     runs = []
     for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
         stem = path[: -len(".json")]
         with open(path) as f:
-            meta = json.load(f)
+            meta = {name: m for name, m in json.load(f).items() if name not in without}
         z = np.load(f"{stem}.npz")
         cols = [c for d in meta.values() for c in d["anomaly_columns"]]
         calib = {c: s for d in meta.values() for c, s in d["calibration"].items()}
-        scores = {k: z[k] for k in z.files if k != "labels"}
+        scores = {k: z[k] for k in z.files if k in calib or k in cols}
         runs.append(Run(os.path.basename(stem), z["labels"], scores, calib, cols))
     return runs
 
@@ -281,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES))
     p.add_argument("--tail-fraction", type=float, help=f"the share in the fitted tail (now {fusion.TAIL_FRACTION})")
     p.add_argument("--why", type=int, default=0, metavar="N", help="explain the N highest-scoring normal images")
+    p.add_argument("--without", nargs="+", default=[], metavar="DETECTOR", help="fuse as if these were not trained")
     args = p.parse_args(argv)
     if args.tail_fraction is not None:
         fusion.TAIL_FRACTION = args.tail_fraction
@@ -290,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not args.simulate:
             p.error("give DIR (from bench/accuracy.py --keep) or --simulate")
         return
-    runs = [r for d in args.dirs for r in load(d)]
+    runs = [r for d in args.dirs for r in load(d, args.without)]
     if not runs:
         p.error(f"no kept runs (*.json + *.npz) in {args.dirs}")
     print(table(runs, args.rules))

@@ -17,9 +17,10 @@ deviation over the held-in normal images, so that a pixel of an aligned archive
 * ``white_deficit``: the maximum of its negative (a spot smoother than normal).
 
 No network and no training beyond two means: it fits in under a second (300 crops of
-64 px) and scores ~990 grey 64 px images per CPU-second (~300 in colour; numpy FFTs and
-one Gaussian filter), and its model is the right one where a texture is close to
-Gaussian (grass, gravel, stained tissue), where the networks have the least to learn from. This
+64 px) and scores ~5,100 grey 64 px images/s on one core (``bench/throughput.py
+--per-detector-only``, 2026-12-03; numpy FFTs and one Gaussian filter per batch), and its
+model is the right one where a texture is close to Gaussian (grass, gravel, stained
+tissue), where the networks have the least to learn from. This
 is the classical detector of spots in Gaussian textures (Grosjean and Moisan,
 "A-contrario detectability of spots in textured backgrounds", JMIV 2009), whitened
 and standardised per pixel; neither scikit-learn nor scikit-image has it.
