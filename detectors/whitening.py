@@ -14,7 +14,8 @@ deviation over the held-in normal images, so that a pixel of an aligned archive
 (stationary) with itself. Two scores:
 
 * ``white_excess``: the map's maximum (a spot more unpredictable than normal);
-* ``white_deficit``: the maximum of its negative (a spot smoother than normal).
+* ``white_deficit``: the maximum of its negative (a spot smoother than normal); declared
+  (entering ``anomaly_score``) only for texture-like archives, see ``ALIGNED_SHARE``.
 
 No network and no training beyond two means: it fits in under a second (300 crops of
 64 px) and scores ~5,100 grey 64 px images/s on one core (``bench/throughput.py
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -56,6 +57,9 @@ SPECTRUM_FLOOR = 3e-2
 ALIGNED_SHARE = 0.25
 #: the floor of a pixel's standard deviation of log-energy (a pixel that never varies)
 STD_FLOOR = 1e-3
+#: images transformed at once (each holds a float64 copy and a complex128 spectrum: 64 images
+#: of 224 x 224 x 3 are ~150 MB)
+CHUNK = 64
 
 
 class WhiteningDetector(BaseDetector):
@@ -89,18 +93,40 @@ class WhiteningDetector(BaseDetector):
             raise ValueError(f"Expected sigma > 0 (px). Received: sigma={self.sigma!r}.")
         xb = to_uint8_batch(images, self.input_size, self.channels)
         train_idx, val_idx = split_validation(len(xb), self.validation_fraction, self.seed)
-        x = self._floats(xb[train_idx])
-        self.mean_image_ = x.mean(axis=0)  # (s, s, c)
-        power = (np.abs(np.fft.fft2(x - self.mean_image_, axes=(1, 2))) ** 2).mean(axis=0)
+        train = xb[train_idx]
+        n = len(train)
+        # sums over chunks of CHUNK images: a float copy of every training image (and its
+        # complex spectrum, 16 bytes a value) would not fit in memory for a large archive
+        total, total_sq = 0.0, 0.0
+        mean = np.zeros(train.shape[1:], np.float64)
+        for x in self._chunks(train):
+            mean += x.sum(axis=0)
+            total, total_sq = total + float(x.sum()), total_sq + float((x**2).sum())
+        self.mean_image_ = mean / n  # (s, s, c)
+        power = np.zeros(train.shape[1:], np.float64)
+        for x in self._chunks(train):
+            power += (np.abs(np.fft.fft2(x - self.mean_image_, axes=(1, 2))) ** 2).sum(axis=0)
+        power /= n
         self.spectrum_ = power + SPECTRUM_FLOOR * power.mean(axis=(0, 1), keepdims=True)
-        energy = self._log_energy(x)
-        self.energy_mean_ = energy.mean(axis=0)
-        self.energy_std_ = np.maximum(energy.std(axis=0), STD_FLOOR)
+        e_sum = np.zeros(train.shape[1:3], np.float64)
+        e_sq = np.zeros(train.shape[1:3], np.float64)
+        for x in self._chunks(train):
+            energy = self._log_energy(x)
+            e_sum, e_sq = e_sum + energy.sum(axis=0), e_sq + (energy**2).sum(axis=0)
+        self.energy_mean_ = e_sum / n
+        self.energy_std_ = np.maximum(np.sqrt(np.maximum(e_sq / n - self.energy_mean_**2, 0.0)), STD_FLOOR)
         # the share of the pixels' variance that is the mean image's: ~0 for a texture, most
         # of it for an aligned archive (digits, forms, product shots)
-        self.aligned_share_ = np.asarray(self.mean_image_.var() / max(float(x.var()), 1e-12))
-        self._record_training(xb, self.score(xb[val_idx] if len(val_idx) else xb[train_idx]))
+        values = n * self.mean_image_.size
+        variance = max(total_sq / values - (total / values) ** 2, 1e-12)
+        self.aligned_share_ = np.asarray(self.mean_image_.var() / variance)
+        self._record_training(xb, self.score(xb[val_idx] if len(val_idx) else train))
         return self
+
+    def _chunks(self, xb: np.ndarray) -> Iterator[np.ndarray]:
+        """uint8 (n, s, s, c) -> float64 (<= CHUNK, s, s, c) in [0, 1], in order."""
+        for start in range(0, len(xb), CHUNK):
+            yield xb[start : start + CHUNK].astype(np.float64) / 255.0
 
     def _anomaly_columns(self) -> tuple[str, ...]:
         """``white_deficit`` only for a texture-like archive: where the mean image carries
@@ -109,9 +135,6 @@ class WhiteningDetector(BaseDetector):
         if float(self.aligned_share_) > ALIGNED_SHARE:
             return ("white_excess",)
         return ("white_excess", "white_deficit")
-
-    def _floats(self, images: ImageBatch) -> np.ndarray:
-        return to_uint8_batch(images, self.input_size, self.channels).astype(np.float64) / 255.0
 
     def _log_energy(self, x: np.ndarray) -> np.ndarray:
         """float (n, s, s, c) in [0, 1] -> float64 (n, s, s): log of the smoothed whitened energy."""
@@ -123,8 +146,11 @@ class WhiteningDetector(BaseDetector):
     def maps(self, images: ImageBatch) -> np.ndarray:
         """float32 (n, s, s): the standardised log-energy (+ too unpredictable, - too smooth)."""
         self._check_fitted()
-        z = (self._log_energy(self._floats(images)) - self.energy_mean_) / self.energy_std_
-        return z.astype(np.float32)
+        xb = to_uint8_batch(images, self.input_size, self.channels)
+        z = np.empty(xb.shape[:3], np.float32)
+        for start, x in zip(range(0, len(xb), CHUNK), self._chunks(xb), strict=True):
+            z[start : start + len(x)] = (self._log_energy(x) - self.energy_mean_) / self.energy_std_
+        return z
 
     def score(self, images: ImageBatch) -> dict[str, np.ndarray]:
         self._check_fitted()

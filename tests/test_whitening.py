@@ -94,3 +94,18 @@ def test_an_aligned_archive_declares_excess_only(digits16: tuple[np.ndarray, np.
     assert float(aligned.aligned_share_) > ALIGNED_SHARE and aligned.anomaly_columns_ == ("white_excess",)
     texture = WhiteningDetector(input_size=SIZE).fit(gravel[0])
     assert float(texture.aligned_share_) < 0.1 and texture.anomaly_columns_ == ("white_excess", "white_deficit")
+
+
+def test_chunks_do_not_change_the_model(gravel: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fit and score go CHUNK images at a time (memory); the result is the one of one pass."""
+    import detectors.whitening as whitening
+
+    train, test = gravel
+    monkeypatch.setattr(whitening, "CHUNK", 10_000)
+    whole = WhiteningDetector(input_size=SIZE).fit(train)
+    monkeypatch.setattr(whitening, "CHUNK", 7)
+    chunked = WhiteningDetector(input_size=SIZE).fit(train)
+    np.testing.assert_allclose(chunked.spectrum_, whole.spectrum_, rtol=1e-10)
+    np.testing.assert_allclose(chunked.energy_std_, whole.energy_std_, rtol=1e-6)
+    for col, v in whole.score(test).items():
+        np.testing.assert_allclose(chunked.score(test)[col], v, rtol=1e-5, atol=1e-5, err_msg=col)
