@@ -8,7 +8,7 @@ thread), scores ``--images`` random uint8 images of the bundle's input size, R r
 ``bundle.score`` call, and reports CPU milliseconds per image (every thread of the
 process, so other work on the cores does not count) and its anonymous memory (PSS,
 from /proc/self/smaps_rollup) and peak resident set (VmHWM) afterwards. The bundle of
-``bench/throughput.py`` (64 px digits, four detectors) is in its workdir's ``model``.
+``bench/throughput.py`` (64 px digits, every detector) is in its workdir's ``model``.
 """
 
 from __future__ import annotations
