@@ -1,7 +1,9 @@
 """A Gaussian model of the archive: what its mean image and power spectrum cannot predict.
 
 ``fit`` learns, per channel, the mean image of the normal images and the mean power
-spectrum of their residuals (image minus mean image). ``score`` divides each new
+spectrum of their residuals (image minus mean image); colour images are first turned to
+the eigenvectors of the archive's colour covariance (so a stain of one hue is not hidden
+under the brightness variation the three channels share). ``score`` divides each new
 residual's Fourier transform by the square root of that spectrum and transforms back:
 the *whitened* residual, which is white noise of unit variance wherever the image
 looks like the archive (the innovation of a stationary Gaussian texture model). A
@@ -45,11 +47,14 @@ from detectors.columns import COLUMNS
 from detectors.maps import peak_location
 from detectors.preprocessing import ImageBatch, check_image_size, check_non_empty, to_uint8_batch
 
-#: the spectrum's floor, relative to its mean: whitening amplifies a frequency by at most
-#: 1/sqrt(this) (~6x) the average gain. Frequencies an archive has little of are where two
-#: decodes of one JPEG differ (the DCT-scaled fast path against the full decode, both resized):
-#: at 1e-3 ``white_deficit`` moved by 24% of its spread between them, at 1e-2 by 10.5%, at 3e-2
-#: under the 10% ``tests/test_score.py`` allows; the bench's fused means lost 0.000-0.003
+#: the spectrum's floor, relative to its mean over every channel and frequency: whitening
+#: amplifies a frequency by at most 1/sqrt(this) (~6x) the average gain. Frequencies, and colour
+#: components, an archive has little of are where two decodes of one JPEG differ (the
+#: DCT-scaled fast path against the full decode, both resized; chroma is subsampled): at 1e-3
+#: ``white_deficit`` of grey digits moved by 24% of its spread between them, at 1e-2 by 10.5%,
+#: at 3e-2 under the 10% ``tests/test_score.py`` allows (the bench's fused means lost
+#: 0.000-0.003); a floor per colour component instead of one for all let the minor components
+#: of a colour archive move 0.26-0.52 of the spread (0.07-0.12 now; ``bench/colour.py``)
 SPECTRUM_FLOOR = 3e-2
 #: above this share of the variance in the mean image, an archive is aligned (not a texture) and
 #: ``white_deficit`` is not declared: digits 0.69-0.84 (where it ranks other digits *below* normal
@@ -95,19 +100,20 @@ class WhiteningDetector(BaseDetector):
         train_idx, val_idx = split_validation(len(xb), self.validation_fraction, self.seed)
         train = xb[train_idx]
         n = len(train)
+        self.colour_basis_ = self._colour_basis(train)
         # sums over chunks of CHUNK images: a float copy of every training image (and its
         # complex spectrum, 16 bytes a value) would not fit in memory for a large archive
-        total, total_sq = 0.0, 0.0
         mean = np.zeros(train.shape[1:], np.float64)
+        total_sq = np.zeros(train.shape[3], np.float64)  # per channel
         for x in self._chunks(train):
             mean += x.sum(axis=0)
-            total, total_sq = total + float(x.sum()), total_sq + float((x**2).sum())
+            total_sq += (x**2).sum(axis=(0, 1, 2))
         self.mean_image_ = mean / n  # (s, s, c)
         power = np.zeros(train.shape[1:], np.float64)
         for x in self._chunks(train):
             power += (np.abs(np.fft.fft2(x - self.mean_image_, axes=(1, 2))) ** 2).sum(axis=0)
         power /= n
-        self.spectrum_ = power + SPECTRUM_FLOOR * power.mean(axis=(0, 1), keepdims=True)
+        self.spectrum_ = power + SPECTRUM_FLOOR * power.mean()
         e_sum = np.zeros(train.shape[1:3], np.float64)
         e_sq = np.zeros(train.shape[1:3], np.float64)
         for x in self._chunks(train):
@@ -115,18 +121,36 @@ class WhiteningDetector(BaseDetector):
             e_sum, e_sq = e_sum + energy.sum(axis=0), e_sq + (energy**2).sum(axis=0)
         self.energy_mean_ = e_sum / n
         self.energy_std_ = np.maximum(np.sqrt(np.maximum(e_sq / n - self.energy_mean_**2, 0.0)), STD_FLOOR)
-        # the share of the pixels' variance that is the mean image's: ~0 for a texture, most
-        # of it for an aligned archive (digits, forms, product shots)
-        values = n * self.mean_image_.size
-        variance = max(total_sq / values - (total / values) ** 2, 1e-12)
-        self.aligned_share_ = np.asarray(self.mean_image_.var() / variance)
+        # the share of the pixels' variance (within each channel) that is the mean image's: ~0
+        # for a texture, most of it for an aligned archive (digits, forms, product shots)
+        pixels = n * train.shape[1] * train.shape[2]
+        variance = total_sq / pixels - self.mean_image_.mean(axis=(0, 1)) ** 2
+        spatial = self.mean_image_.var(axis=(0, 1))
+        self.aligned_share_ = np.asarray(spatial.sum() / max(float(variance.sum()), 1e-12))
         self._record_training(xb, self.score(xb[val_idx] if len(val_idx) else train))
         return self
 
-    def _chunks(self, xb: np.ndarray) -> Iterator[np.ndarray]:
-        """uint8 (n, s, s, c) -> float64 (<= CHUNK, s, s, c) in [0, 1], in order."""
+    def _colour_basis(self, xb: np.ndarray) -> np.ndarray:
+        """uint8 (n, s, s, c) -> float64 (c, c): the eigenvectors of the pixels' colour covariance
+        (the identity for grey). Whitening each channel alone would hide a stain that shifts one
+        channel under the large variation all three share (brightness); in this basis it moves
+        the minor components, which the archive barely varies, and each component's spectrum
+        then scales it to unit power (so only the rotation matters, not the eigenvalues)."""
+        c = xb.shape[3]
+        if c == 1:
+            return np.eye(1)
+        count, total, outer = 0, np.zeros(c), np.zeros((c, c))
         for start in range(0, len(xb), CHUNK):
-            yield xb[start : start + CHUNK].astype(np.float64) / 255.0
+            px = xb[start : start + CHUNK].reshape(-1, c).astype(np.float64) / 255.0
+            count, total, outer = count + len(px), total + px.sum(axis=0), outer + px.T @ px
+        mean = total / count
+        _, vectors = np.linalg.eigh(outer / count - np.outer(mean, mean))
+        return np.asarray(vectors)
+
+    def _chunks(self, xb: np.ndarray) -> Iterator[np.ndarray]:
+        """uint8 (n, s, s, c) -> float64 (<= CHUNK, s, s, c) in [0, 1] in the colour basis, in order."""
+        for start in range(0, len(xb), CHUNK):
+            yield (xb[start : start + CHUNK].astype(np.float64) / 255.0) @ self.colour_basis_
 
     def _anomaly_columns(self) -> tuple[str, ...]:
         """``white_deficit`` only for a texture-like archive: where the mean image carries
@@ -165,7 +189,14 @@ class WhiteningDetector(BaseDetector):
         }
 
     #: the learned arrays, each stored as ``<name>.npy`` (the bundle holds no pickles)
-    _ARRAYS: ClassVar[tuple[str, ...]] = ("mean_image", "spectrum", "energy_mean", "energy_std", "aligned_share")
+    _ARRAYS: ClassVar[tuple[str, ...]] = (
+        "colour_basis",
+        "mean_image",
+        "spectrum",
+        "energy_mean",
+        "energy_std",
+        "aligned_share",
+    )
 
     def to_files(self) -> dict[str, bytes]:
         self._check_fitted()
@@ -185,6 +216,7 @@ class WhiteningDetector(BaseDetector):
             raise ValueError(f"Expected {missing} among the whitening detector's files. Received: {sorted(files)}.")
         s, c = det.input_size, det.channels
         shapes = {
+            "colour_basis": (c, c),
             "mean_image": (s, s, c),
             "spectrum": (s, s, c),
             "energy_mean": (s, s),
