@@ -111,7 +111,7 @@ def test_chunks_do_not_change_the_model(gravel: Any, monkeypatch: pytest.MonkeyP
         np.testing.assert_allclose(chunked.score(test)[col], v, rtol=1e-5, atol=1e-5, err_msg=col)
 
 
-def test_a_stain_of_one_hue_shows_in_colour(gravel: Any) -> None:
+def test_a_stain_of_one_hue_shows_in_colour() -> None:
     """The ihc slide in colour: a soft shift of the red channel alone is lost under the
     brightness variation grey (or each channel alone) sees, and plain in the colour basis."""
     img = data.immunohistochemistry()
