@@ -118,14 +118,18 @@ def fit_imgscan(
     params: dict[str, dict[str, Any]],
     seed: int = SEED,
     detectors: Sequence[str] | None = None,
+    calibration_replicas: int | None = None,
 ) -> Fitted:
     """Fit the detectors on normal uint8 images (n, s, s) with ``jobs.train.fit_detectors``,
     the function ``imgscan train`` uses, and its defaults (one label: the CAM learns normal vs
     self-made defects; the mixture reuses the autoencoder's encoder). ``params`` overrides
-    hyper-parameters per detector, as ``imgscan train --param`` does."""
+    hyper-parameters per detector, as ``imgscan train --param`` does; ``calibration_replicas``
+    (None: the default) as ``imgscan train --calibration-replicas`` does."""
     cfg = TrainConfig(source="<bench>", out="<bench>", image_size=image_size, channels=1, seed=seed, params=params)
     if detectors:
         cfg = replace(cfg, detectors=tuple(detectors))
+    if calibration_replicas is not None:
+        cfg = replace(cfg, calibration_replicas=calibration_replicas)
     fitted, seconds = fit_detectors(cfg, x[..., None], [None] * len(x), np.ones(len(x), bool), channels=1)
     return Fitted(fitted, seconds)
 
@@ -229,6 +233,7 @@ def digits_benchmark(
     data_seed: int = SEED,
     detectors: Sequence[str] | None = None,
     keep: str | None = None,
+    calibration_replicas: int | None = None,
 ) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
     from jobs.demo_data import digits
 
@@ -245,7 +250,14 @@ def digits_benchmark(
         x_train = images[is_train & (labels == d)]
         x_test, y = images[test], (labels[test] != d).astype(int)
         t0 = time.monotonic()
-        fitted = fit_imgscan(x_train, image_size=32, params=params, seed=seed, detectors=detectors)
+        fitted = fit_imgscan(
+            x_train,
+            image_size=32,
+            params=params,
+            seed=seed,
+            detectors=detectors,
+            calibration_replicas=calibration_replicas,
+        )
         rows, raw = all_scores(fitted, x_train, x_test)
         per_digit[d] = aurocs(rows, y)
         if keep:
@@ -457,12 +469,20 @@ def archive_benchmark(
     data_seed: int = SEED,
     detectors: Sequence[str] | None = None,
     keep: str | None = None,
+    calibration_replicas: int | None = None,
 ) -> ArchiveResult:
     """One archive: fit once, score its normal and defect crops
     -> ({kind: {row: AUROC}}, {kind: {map: share inside}}, fit seconds, CPU-seconds of this process)."""
     t0, cpu0 = time.monotonic(), time.process_time()
     ts = texture_set(archive, kinds, n_train, n_test, data_seed)
-    fitted = fit_imgscan(ts.train, image_size=CROP, params=params, seed=seed, detectors=detectors)
+    fitted = fit_imgscan(
+        ts.train,
+        image_size=CROP,
+        params=params,
+        seed=seed,
+        detectors=detectors,
+        calibration_replicas=calibration_replicas,
+    )
     rows, raw = all_scores(fitted, ts.train, ts.test)
     if keep:
         keep_scores(os.path.join(keep, archive), fitted, raw, ts.kind)
@@ -489,11 +509,14 @@ def texture_benchmark(
     jobs: int = 1,
     meanwhile: Callable[[], None] | None = None,
     keep: str | None = None,
+    calibration_replicas: int | None = None,
 ) -> tuple[dict[tuple[str, str], dict[str, float]], dict[tuple[str, str], dict[str, float]], dict[str, float], float]:
     """-> ({(archive, kind): {row: AUROC}}, {(archive, kind): {map: share inside}}, mean fit seconds,
     CPU-seconds of the archive processes). With ``jobs`` > 1 the archives run in that many processes
     (spawned: TensorFlow does not survive a fork), and ``meanwhile`` (the digits) runs here."""
-    args = [(a, kinds, n_train, n_test, params, seed, data_seed, detectors, keep) for a in archives]
+    args = [
+        (a, kinds, n_train, n_test, params, seed, data_seed, detectors, keep, calibration_replicas) for a in archives
+    ]
     if jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -650,6 +673,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--detectors", nargs="+", help="imgscan detectors to fit (default: all; fused is over these only)")
     p.add_argument("--params", default="{}", help='JSON overrides per detector, e.g. {"cam": {"epochs": 40}}')
     p.add_argument("--seed", type=int, default=SEED, help="seed of the imgscan detectors")
+    p.add_argument(
+        "--calibration-replicas", type=int, metavar="R", help="as imgscan train's (default: its default; 0: none)"
+    )
     p.add_argument("--data-seed", type=int, default=SEED, help="seed of the splits, crops and defects")
     p.add_argument("--jobs", type=int, default=1, help="archives fitted in parallel processes (digits run beside)")
     p.add_argument("--out", default="bench/out/accuracy.md")
@@ -677,7 +703,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         nonlocal per_digit
         if args.only not in (None, "digits"):
             return
-        per_digit, ft = digits_benchmark(classes, params, args.seed, args.data_seed, args.detectors, keep=args.keep)
+        per_digit, ft = digits_benchmark(
+            classes,
+            params,
+            args.seed,
+            args.data_seed,
+            args.detectors,
+            keep=args.keep,
+            calibration_replicas=args.calibration_replicas,
+        )
         digit_parts.extend(
             [
                 "",
@@ -702,6 +736,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             jobs=args.jobs,
             meanwhile=run_digits,
             keep=args.keep,
+            calibration_replicas=args.calibration_replicas,
         )
         parts += digit_parts
         parts += [

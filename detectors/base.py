@@ -121,7 +121,12 @@ class BaseDetector:
         normal images (the training images themselves when too few are held out)."""
         self.fingerprint_ = fingerprint(images, labels)
         self.n_train_ = len(images)
-        scores = calibration_scores
+        self.calibrate(calibration_scores)
+
+    def calibrate(self, scores: Mapping[str, np.ndarray]) -> None:
+        """Keep statistics of ``scores`` (column -> float (n,)) of normal images the model
+        did not train on as its calibration (``jobs.train`` replaces the held-out ones
+        with cross-fitted scores on small training sets); declare the anomaly columns."""
         stats = {
             c.name: calibration_stats(np.asarray(scores[c.name], dtype=np.float64))
             for c in self.columns

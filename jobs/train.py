@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,11 @@ from jobs.bundle import ModelBundle
 from jobs.images import DRAFT_MARGIN, MAX_BYTES, MAX_PIXELS, check_limits, decode_image
 from jobs.sources import Shard, SourceError, list_shards, read_shard
 from jobs.storage import StorageError, StorageOptions, join, read_bytes, redact, write_bytes, write_json
+
+#: at or above this many normal training images a detector's held-out tenth alone calibrates it
+REPLICATE_BELOW = 1000
+#: fewest normal images that calibration replicas are trained for (fewer hold nothing out)
+MIN_REPLICATE = 30
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class TrainConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     max_pixels: int = MAX_PIXELS  # per image, from its header: more is an unreadable input
     max_bytes: int = MAX_BYTES  # per input file: a larger one is unreadable, read no further
+    calibration_replicas: int = 2  # on small sets, copies whose held-out scores calibrate too (0: none)
 
     def __post_init__(self) -> None:
         check_limits(self.max_pixels, self.max_bytes)
@@ -68,6 +74,8 @@ class TrainConfig:
             raise ValueError(f"--image-size must be a multiple of 4 and >= 16. Received: {self.image_size}.")
         if self.epochs < 1:
             raise ValueError(f"--epochs must be >= 1. Received: {self.epochs}.")
+        if self.calibration_replicas < 0:
+            raise ValueError(f"--calibration-replicas must be >= 0. Received: {self.calibration_replicas}.")
         if self.channels not in (None, 1, 3):
             raise ValueError(f"--channels must be 1 or 3. Received: {self.channels}.")
         stray = [d for d in self.params if d not in self.detectors]
@@ -212,6 +220,11 @@ def _train(cfg: TrainConfig, shards: Sequence[Shard], weights_path: str | None) 
     return bundle
 
 
+def _learns_labels(labels: Sequence[str | None]) -> bool:
+    """Whether the CAM learns the labels (two or more, on every image), not normal vs self-made defects."""
+    return len({lbl for lbl in labels if lbl is not None}) >= 2 and all(lbl is not None for lbl in labels)
+
+
 def check_params(params: Mapping[str, Mapping[str, Any]]) -> None:
     """Every overridden hyper-parameter must exist in its detector's constructor."""
     for name, overrides in params.items():
@@ -253,11 +266,70 @@ def fit_detectors(
     get). The autoencoder, mixture and baseline learn ``x_all[normal_mask]``;
     the CAM classifier learns every label, or normal vs self-made defects when
     there are fewer than two. ``weights_path`` is the local copy of ``cfg.weights``.
+    On a small training set each detector's calibration then pools the held-out
+    scores of replicas (``calibration_replicas``; the seconds include them).
     """
-    known = sorted({lbl for lbl in labels if lbl is not None})
+    fitted, seconds = _fit_each(
+        cfg, x_all, labels, normal_mask, channels, weights_path=weights_path, verbose=verbose, progress=progress
+    )
+    replicas = calibration_replicas(cfg.calibration_replicas, int(normal_mask.sum()))
+    if replicas:
+        t0 = time.monotonic()
+        pooled = {
+            name: {c: [np.asarray(s["sample"])] for c, s in det.calibration_.items()} for name, det in fitted.items()
+        }
+        for r in range(1, replicas + 1):
+            if progress:
+                progress(f"calibration replica {r} of {replicas} (seed {cfg.seed + r}) ...")
+            copies, _ = _fit_each(
+                replace(cfg, seed=cfg.seed + r), x_all, labels, normal_mask, channels, weights_path=weights_path
+            )
+            for name, det in copies.items():
+                for c, s in det.calibration_.items():
+                    pooled[name].setdefault(c, []).append(np.asarray(s["sample"]))
+        for name, det in fitted.items():
+            det.calibrate({c: np.concatenate(v) for c, v in pooled[name].items()})
+        share = (time.monotonic() - t0) / len(fitted)
+        seconds = {name: s + share for name, s in seconds.items()}
+        if progress:
+            progress(f"pooled the held-out scores of {replicas} replicas in {time.monotonic() - t0:.1f}s")
+    return fitted, seconds
+
+
+def calibration_replicas(replicas: int, n_normal: int) -> int:
+    """How many more copies of each detector lend their held-out scores to its calibration (0: none).
+
+    A detector reads its tail probabilities from the scores of the normal images it held
+    out: a tenth of them. On a small set that is a dozen scores (one digit of
+    ``load_digits``: 12), and a tail read from 12 scores lets a heavy-tailed weak column
+    put a normal image at p ~ 2e-3, above anomalies only the strong column sees
+    (``bench/fusion_rules.py DIR --why 3``). Each replica is the same detector trained
+    the same way with another seed (another held-out tenth, another initialisation);
+    its held-out scores are as exchangeable with a new image's score as the model's own
+    (the same training size: scores such as a mixture's log-likelihood move with it, so
+    folds of another size would not do). Only below ``REPLICATE_BELOW`` normal images
+    (above it the tenth is already >= 100 scores, and each replica costs one more fit)
+    and from ``MIN_REPLICATE`` (fewer: no tenth is held out at all).
+    """
+    if replicas < 1 or not MIN_REPLICATE <= n_normal < REPLICATE_BELOW:
+        return 0
+    return replicas
+
+
+def _fit_each(
+    cfg: TrainConfig,
+    x_all: np.ndarray,
+    labels: Sequence[str | None],
+    normal_mask: np.ndarray,
+    channels: int,
+    *,
+    weights_path: str | None = None,
+    verbose: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[dict[str, BaseDetector], dict[str, float]]:
     x_normal = x_all[normal_mask]
     common: dict[str, Any] = {"input_size": cfg.image_size, "channels": channels, "seed": cfg.seed}
-    have_labels = len(known) >= 2 and all(lbl is not None for lbl in labels)
+    have_labels = _learns_labels(labels)
     defaults: dict[str, dict[str, Any]] = {
         "autoencoder": {**common, "epochs": cfg.epochs, "variational": cfg.variational},
         "mixture": {**common, "backbone": cfg.backbone, "weights": weights_path},

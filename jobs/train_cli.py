@@ -47,6 +47,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="override a detector hyper-parameter (repeatable; VALUE is JSON or text), "
         "e.g. --param autoencoder.latent_dim=64 --param mixture.grid=2",
     )
+    p.add_argument(
+        "--calibration-replicas",
+        type=int,
+        default=2,
+        metavar="R",
+        help="below 1000 normal images, also calibrate each detector on the held-out scores of R copies "
+        "trained with other seeds (default 2; 0: none)",
+    )
     p.add_argument("--seed", type=int, default=0)
     add_limit_flags(p)
     add_storage_options(p)
@@ -71,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         cam_backbone=args.cam_backbone,
         weights=args.weights,
         seed=args.seed,
+        calibration_replicas=args.calibration_replicas,
         params=parse_params(args.param),
         **limit_kwargs(args),
         storage_options=parse_storage_options(args.storage_options),

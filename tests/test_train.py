@@ -92,6 +92,10 @@ def test_train_from_and_to_s3(s3: dict[str, Any]) -> None:
         (["train", "--source", "{src}", "--out", "{out}", "--storage-options", "{{bad"], "must be a JSON object"),
         (["train", "--source", "{empty}", "--out", "{out}"], "Source is empty"),
         (["train", "--out", "{out}"], "required: --source"),
+        (
+            ["train", "--source", "{src}", "--out", "{out}", "--calibration-replicas", "-1"],
+            "--calibration-replicas must be >= 0",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(tmp_path: Any, capsys: Any, argv: list[str], message: str) -> None:
@@ -168,3 +172,40 @@ def test_backbone_weights_come_from_the_uri_the_user_gives(tmp_path: Any, capsys
     assert mix.weights == uri and ModelBundle.load(out).training["weights"] == uri  # type: ignore[attr-defined]
     got = mix.extractor_.get_layer("block1_conv1").get_weights()[0]  # type: ignore[attr-defined]
     np.testing.assert_array_equal(got, vgg.get_layer("block1_conv1").get_weights()[0])
+
+
+@pytest.mark.parametrize(
+    ("replicas", "n_normal", "expected"),
+    [(2, 120, 2), (5, 999, 5), (2, 1000, 0), (0, 120, 0), (2, 29, 0), (2, 30, 2)],
+)
+def test_only_small_sets_get_calibration_replicas(replicas: int, n_normal: int, expected: int) -> None:
+    from jobs.train import MIN_REPLICATE, REPLICATE_BELOW, calibration_replicas
+
+    assert (MIN_REPLICATE, REPLICATE_BELOW) == (30, 1000)  # the cases above are at their edges
+    assert calibration_replicas(replicas, n_normal) == expected
+
+
+def test_a_small_set_calibrates_on_the_held_out_scores_of_its_replicas() -> None:
+    """Two replicas (seeds 1 and 2) triple the held-out scores a detector calibrates on; the
+    model that scores is still the seed-0 one, and labelled non-normal images never enter."""
+    from dataclasses import replace
+
+    from detectors import WhiteningDetector
+    from jobs.train import TrainConfig, fit_detectors
+
+    imgs, labels = digits(16, classes=[3, 5])
+    x = np.concatenate([imgs[labels == 3][:60], imgs[labels == 5][:20]])[..., None]
+    names = ["3"] * 60 + ["5"] * 20
+    normal = np.array([n == "3" for n in names])
+    cfg = TrainConfig(source="<t>", out="<t>", image_size=16, detectors=("ocsvm", "whitening"), normal_label="3")
+    pooled, _ = fit_detectors(cfg, x, names, normal, channels=1)
+    alone, _ = fit_detectors(replace(cfg, calibration_replicas=0), x, names, normal, channels=1)
+    for name in ("ocsvm", "whitening"):
+        assert {s["n"] for s in alone[name].calibration_.values()} == {6}  # a tenth of the 60 normal images
+        assert {s["n"] for s in pooled[name].calibration_.values()} == {18}
+    got, one = pooled["whitening"], alone["whitening"]
+    np.testing.assert_array_equal(got.spectrum_, one.spectrum_)  # type: ignore[attr-defined]
+    # by hand: the held-out scores of the detector fitted with seeds 0, 1 and 2
+    by_hand = [WhiteningDetector(input_size=16, channels=1, seed=k).fit(x[normal]) for k in range(3)]
+    expected = np.sort(np.concatenate([d.calibration_["white_excess"]["sample"] for d in by_hand]))
+    np.testing.assert_allclose(got.calibration_["white_excess"]["sample"], expected)
