@@ -37,6 +37,12 @@ def test_train_writes_a_bundle_score_can_load(tmp_path: Any, capsys: Any) -> Non
     assert bundle.training["n_images"] == 120 and bundle.training["n_skipped"] == 3
     assert bundle.training["n_normal"] == int((labels == 0).sum())
     assert bundle.detectors["cam"].classes_ == ["0", "1"]  # type: ignore[attr-defined]
+    # a small set: each detector's own held-out tenth and those of its 2 calibration replicas
+    tenth = round(0.1 * int((labels == 0).sum()))
+    for name in ("autoencoder", "mixture", "ocsvm", "whitening"):
+        assert {c["n"] for c in bundle.detectors[name].calibration_.values()} == {3 * tenth}, name
+    assert {c["n"] for c in bundle.detectors["cam"].calibration_.values()} == {3 * 12}  # it learns both labels
+    assert "calibration replica 2 of 2 (seed 2)" in captured.err
     skipped = json.loads(read_bytes(f"{out}/training/skipped.json"))
     assert {s["image_id"].rsplit("/", 1)[-1] for s in skipped} == {
         "corrupt-empty.png",
