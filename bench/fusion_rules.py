@@ -7,10 +7,9 @@
 detector's held-out calibration sample and combines them (Cauchy). Its choices
 are (1) how p extrapolates beyond the calibration sample's upper decile and (2)
 how the p-values combine. Calibration samples are small on small archives (a
-tenth of the training images, three times over with the two calibration replicas
-of ``imgscan train``: ~36 for one digit, 90 for a 300-crop texture; runs kept
-before 2026-12-03 22:00 UTC have a third of that), so (1) decides how far one
-column's fitted tail can be trusted. The rules compared:
+tenth of the training images: ~12 for one digit, 30 for a 300-crop texture; three
+times that with ``--calibration-replicas 2``, off by default), so (1) decides how far
+one column's fitted tail can be trusted. The rules compared:
 
 * ``current``: what ``detectors.fusion`` does now (a generalised Pareto tail with
   its shape and scale integrated out; see its docstring);

@@ -125,8 +125,8 @@ class BaseDetector:
 
     def calibrate(self, scores: Mapping[str, np.ndarray]) -> None:
         """Keep statistics of ``scores`` (column -> float (n,)) of normal images the model
-        did not train on as its calibration (``jobs.train`` replaces the held-out ones
-        with cross-fitted scores on small training sets); declare the anomaly columns."""
+        did not train on as its calibration (on small training sets ``jobs.train`` pools
+        the held-out scores of replicas trained with other seeds); declare the anomaly columns."""
         stats = {
             c.name: calibration_stats(np.asarray(scores[c.name], dtype=np.float64))
             for c in self.columns

@@ -22,8 +22,8 @@ The rule, in two steps:
    every normal one ranks above one just beyond), but only as fast as the
    exceedances support: with hundreds of them (a calibration of 1,000) it is
    close to the best-fitting tail; with 5 (a detector trained on ~120 images holds
-   out ~12; ``imgscan train`` pools the held-out scores of two replicas with them,
-   ``jobs.train.calibration_replicas``: 36) it falls polynomially. Why: the
+   out ~12; ``imgscan train --calibration-replicas 2`` pools the held-out scores of two
+   replicas with them, ``jobs.train.calibration_replicas``: 36) it falls polynomially. Why: the
    exponential fitted to 5 exceedances (the rule until 2026-12-03) claimed
    p = 1e-16 for normal digits whose weak column (``gmm_local_loglik``) was
    heavier-tailed than 12 scores showed: on the digits bench 5.0% of the normal

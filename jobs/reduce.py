@@ -296,8 +296,8 @@ def few_calibration(facts: ModelFacts) -> str | None:
     return (
         f"note: the bundle's detectors kept as few as {n} held-out normal scores; from so few, "
         "anomaly_score puts an image at 1 in 1,000 only far beyond all of them. To flag more, rank by "
-        f"anomaly_score, use --rule {FUSED}=quantile:Q, or train on more images (or with more "
-        "--calibration-replicas)."
+        f"anomaly_score, use --rule {FUSED}=quantile:Q, or train on more images (or with "
+        "--calibration-replicas R)."
     )
 
 

@@ -27,7 +27,8 @@ def _make_folder(root: str, so: dict[str, Any] | None = None) -> tuple[np.ndarra
 def test_train_writes_a_bundle_score_can_load(tmp_path: Any, capsys: Any) -> None:
     src, out = str(tmp_path / "src"), str(tmp_path / "model")
     imgs, labels = _make_folder(src)
-    rc = main(["train", "--source", src, "--out", out, "--image-size", "16", "--epochs", "2", "--normal-label", "0"])
+    argv = ["train", "--source", src, "--out", out, "--image-size", "16", "--epochs", "2", "--normal-label", "0"]
+    rc = main([*argv, "--calibration-replicas", "2"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert len(captured.out.splitlines()) == 1 and captured.out.startswith("trained "), captured.out  # epochs: stderr
@@ -43,6 +44,7 @@ def test_train_writes_a_bundle_score_can_load(tmp_path: Any, capsys: Any) -> Non
         assert {c["n"] for c in bundle.detectors[name].calibration_.values()} == {3 * tenth}, name
     assert {c["n"] for c in bundle.detectors["cam"].calibration_.values()} == {3 * 12}  # it learns both labels
     assert "calibration replica 2 of 2 (seed 2)" in captured.err
+    assert bundle.training["calibration_replicas"] == 2
     skipped = json.loads(read_bytes(f"{out}/training/skipped.json"))
     assert {s["image_id"].rsplit("/", 1)[-1] for s in skipped} == {
         "corrupt-empty.png",
@@ -82,7 +84,12 @@ def test_train_from_and_to_s3(s3: dict[str, Any]) -> None:
     )
     assert rc == 0
     assert exists(f"{root}/model/bundle.json", so)
-    assert set(ModelBundle.load(f"{root}/model", so).detectors) == {"autoencoder", "ocsvm"}
+    bundle = ModelBundle.load(f"{root}/model", so)
+    assert set(bundle.detectors) == {"autoencoder", "ocsvm"}
+    # replicas are opt-in: by default a detector calibrates on its own held-out tenth alone
+    assert bundle.training["calibration_replicas"] == 0
+    # a tenth of the 120 readable images
+    assert {c["n"] for c in bundle.detectors["ocsvm"].calibration_.values()} == {12}
 
 
 @pytest.mark.parametrize(
@@ -203,7 +210,14 @@ def test_a_small_set_calibrates_on_the_held_out_scores_of_its_replicas() -> None
     x = np.concatenate([imgs[labels == 3][:60], imgs[labels == 5][:20]])[..., None]
     names = ["3"] * 60 + ["5"] * 20
     normal = np.array([n == "3" for n in names])
-    cfg = TrainConfig(source="<t>", out="<t>", image_size=16, detectors=("ocsvm", "whitening"), normal_label="3")
+    cfg = TrainConfig(
+        source="<t>",
+        out="<t>",
+        image_size=16,
+        detectors=("ocsvm", "whitening"),
+        normal_label="3",
+        calibration_replicas=2,
+    )
     pooled, _ = fit_detectors(cfg, x, names, normal, channels=1)
     alone, _ = fit_detectors(replace(cfg, calibration_replicas=0), x, names, normal, channels=1)
     for name in ("ocsvm", "whitening"):
