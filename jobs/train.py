@@ -63,9 +63,7 @@ class TrainConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     max_pixels: int = MAX_PIXELS  # per image, from its header: more is an unreadable input
     max_bytes: int = MAX_BYTES  # per input file: a larger one is unreadable, read no further
-    # on small sets, copies whose held-out scores calibrate too (0: none). Opt-in: on the bench
-    # (2026-12-06) 2 replicas lifted digits' fused AUROC 0.9939 -> 0.9973 and cost the texture
-    # crops 0.851 -> 0.825 (see calibration_replicas)
+    # on small sets, copies whose held-out scores calibrate too; opt-in (why: calibration_replicas)
     calibration_replicas: int = 0
 
     def __post_init__(self) -> None:
@@ -320,9 +318,11 @@ def calibration_replicas(replicas: int, n_normal: int) -> int:
     --calibration-replicas 2`` (2026-12-06) the digits' fused AUROC rose 0.9939 -> 0.9973
     but the texture crops' fell 0.851 -> 0.825 (ihc blur 0.778 -> 0.640, page blur
     0.699 -> 0.606, ihc hole 0.948 -> 0.879; every single column unchanged). Not yet
-    traced; the likely cause is that a network's score scale moves with its seed, so the
-    pooled calibration is wider than the seed-0 model's own null and the strong column's
-    p-values weaken (a per-column comparison of the replicas' held-out scores would tell).
+    traced. What is known: under the pooled calibration 13-32% of the normal texture
+    test crops get p < 0.1 per column (10% nominal; ``bench/fusion_rules.py`` on a
+    ``--only texture --calibration-replicas 2 --keep`` run), so the pooled sample is not
+    the seed-0 model's null there; the same figure from a run with 0 replicas would say
+    how much of that the replicas add and how much the train/test split of the crops.
     """
     if replicas < 1 or not MIN_REPLICATE <= n_normal < REPLICATE_BELOW:
         return 0
