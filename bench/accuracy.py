@@ -32,7 +32,10 @@ defects (``detectors/defects.py``) are separate code that never sees these kinds
 generators or the photos, so the table measures how detection carries over.
 ``--archives`` also takes ``HELD_OUT_ARCHIVES`` (crops of five other images scikit-image
 ships: moon, retina, coins, cell, hubble_deep_field): the same defects on archives the
-tables do not show, to check a change there before it becomes a default.
+tables do not show, to check a change there before it becomes a default; and
+``ALIGNED_ARCHIVES`` (``aligned-digit1``, ``-digit3``, ``-digit8``: one digit at 64 px, 70% of its
+images to train, the others as normal test images): the same defects on an aligned
+archive, where every image shows one object in one place, not a stationary texture.
 
 The imgscan detectors are built and fitted by ``jobs.train.fit_detectors``, as
 ``imgscan train`` does, with its defaults; only the image size is the one that
@@ -82,6 +85,9 @@ ARCHIVES = ("brick", "grass", "gravel", "ihc", "page")
 #: ``skimage.data`` ships without a download and that is not one of ``PHOTOS`` (the photo
 #: defects are cut from those)
 HELD_OUT_ARCHIVES = ("moon", "retina", "coins", "cell", "hubble_deep_field")
+#: aligned archives (``--archives``), local defects where the texture models' premise fails: one
+#: digit of ``load_digits`` at 64 px, 70% of it to train and the rest as normal test images
+ALIGNED_ARCHIVES = ("aligned-digit1", "aligned-digit3", "aligned-digit8")
 DEFECTS = ("photo", "scratch", "stain", "hole", "blur")
 PHOTOS = ("camera", "astronaut", "coffee", "chelsea", "rocket", "china.jpg", "flower.jpg")
 FUSED = "anomaly_score"
@@ -423,14 +429,29 @@ class TextureSet:
     boxes: np.ndarray  # int (m, 4): y0, x0, y1, x1 of the defect, inclusive (-1 when none)
 
 
+def aligned_split(archive: str, n_train: int, n_test: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(train, normal test) uint8 (n, CROP, CROP) of an ``ALIGNED_ARCHIVES`` digit: up to
+    ``n_train`` of a random 70% of its images, and up to ``n_test`` of the others."""
+    from jobs.demo_data import digits
+
+    images, _ = digits(CROP, classes=[int(archive.rsplit("digit", 1)[1])])
+    order = rng.permutation(len(images))
+    cut = round(0.7 * len(images))
+    return images[order[: min(cut, n_train)]], images[order[cut : cut + n_test]]
+
+
 def texture_set(archive: str, kinds: Sequence[str], n_train: int, n_test: int, seed: int = SEED) -> TextureSet:
     """``n_train`` crops of the training blocks; ``n_test`` normal crops of the test blocks, and
     per defect kind a copy of each with one defect of that kind pasted."""
-    rng = np.random.default_rng([seed, (ARCHIVES + HELD_OUT_ARCHIVES).index(archive)])
-    train_blocks, test_blocks = checkerboard(archive_image(archive))
+    rng = np.random.default_rng([seed, (ARCHIVES + HELD_OUT_ARCHIVES + ALIGNED_ARCHIVES).index(archive)])
     ctx = {"photos": photo_images()}
-    train = random_crops(train_blocks, n_train, rng)
-    normal = random_crops(test_blocks, n_test, rng)
+    if archive in ALIGNED_ARCHIVES:
+        train, normal = aligned_split(archive, n_train, n_test, rng)
+        n_test = len(normal)
+    else:
+        train_blocks, test_blocks = checkerboard(archive_image(archive))
+        train = random_crops(train_blocks, n_train, rng)
+        normal = random_crops(test_blocks, n_test, rng)
     parts, kind, boxes = [normal], [""] * n_test, [np.full((n_test, 4), -1)]
     for k in kinds:
         # paired: each kind is pasted into copies of the same normal test crops, so a cell's
@@ -663,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument(
         "--archives",
         nargs="+",
-        choices=ARCHIVES + HELD_OUT_ARCHIVES,
+        choices=ARCHIVES + HELD_OUT_ARCHIVES + ALIGNED_ARCHIVES,
         default=list(ARCHIVES),
         help=f"normal archives (the tables' are {', '.join(ARCHIVES)}; the others check defaults elsewhere)",
     )

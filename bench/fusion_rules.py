@@ -1,6 +1,7 @@
 """Re-fuse the scores ``bench/accuracy.py --keep DIR`` wrote, under other fusion rules, without refitting.
 
     PYTHONPATH=. python bench/fusion_rules.py DIR [DIR ...] [--rules ...] [--why N] [--without DETECTOR ...]
+        [--calibration-from OTHER --for DETECTOR ...]
     PYTHONPATH=. python bench/fusion_rules.py --simulate
 
 ``detectors.fusion`` turns each declared column into a tail p-value against the
@@ -12,7 +13,8 @@ times that with ``--calibration-replicas 2``, off by default), so (1) decides ho
 one column's fitted tail can be trusted. The rules compared:
 
 * ``current``: what ``detectors.fusion`` does now (a generalised Pareto tail with
-  its shape and scale integrated out; see its docstring);
+  its shape and scale integrated out, each detector one vote; see its docstring);
+* ``columns``: the same tails, each column one vote (the rule until 2026-12-07);
 * ``exponential``: the imgscan rule before 2026-12-03 (an exponential fitted to
   the top decile, at least ``MIN_TAIL`` scores, its scale their mean excess);
 * ``predictive``: that exponential with only its rate integrated out (Jeffreys
@@ -34,6 +36,10 @@ share of new scores of the same distribution whose p falls below 0.01 / 0.001.
 current rule in each digit, which column's p led. ``--without D`` fuses as if
 detector D had not been trained (its columns leave the fusion and the table): one
 run with a new detector gives the fused score with and without it.
+``--calibration-from OTHER --for D ...`` fuses with the calibration of detectors D
+taken from OTHER, a kept run of the same seeds and splits whose scores are the
+same (checked) but whose calibration was made otherwise (``--calibration-replicas
+2``): what pooling replicas for those detectors only would give, without a refit.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ class Run:
     scores: dict[str, np.ndarray]  # column -> float64 (n,)
     calibration: dict[str, dict[str, Any]]  # column -> calibration statistics
     columns: list[str]  # the declared anomaly columns, in the detectors' order
+    groups: dict[str, list[str]]  # detector -> its declared columns (one vote each in the fusion)
 
 
 def load(directory: str, without: Sequence[str] = ()) -> list[Run]:
@@ -75,16 +82,47 @@ def load(directory: str, without: Sequence[str] = ()) -> list[Run]:
         with open(path) as f:
             meta = {name: m for name, m in json.load(f).items() if name not in without}
         z = np.load(f"{stem}.npz")
-        cols = [c for d in meta.values() for c in d["anomaly_columns"]]
+        groups = {name: list(d["anomaly_columns"]) for name, d in meta.items()}
+        cols = [c for g in groups.values() for c in g]
         calib = {c: s for d in meta.values() for c, s in d["calibration"].items()}
         scores = {k: z[k] for k in z.files if k in calib or k in cols}
-        runs.append(Run(os.path.basename(stem), z["labels"], scores, calib, cols))
+        runs.append(Run(os.path.basename(stem), z["labels"], scores, calib, cols, groups))
     return runs
+
+
+def borrow_calibration(runs: Sequence[Run], other: str, detectors: Sequence[str]) -> list[Run]:
+    """``runs`` with the calibration of ``detectors``' columns read from the kept run ``other`` of
+    the same name; its scores must be the same (the same fits), else this is an error."""
+    donors = {r.name: r for r in load(other)}
+    out = []
+    for run in runs:
+        donor = donors.get(run.name)
+        if donor is None:
+            raise SystemExit(f"--calibration-from {other}: no kept run {run.name!r} there")
+        with open(os.path.join(other, f"{run.name}.json")) as f:
+            meta = json.load(f)
+        unknown = sorted(set(detectors) - set(meta))
+        if unknown:
+            raise SystemExit(f"--for {unknown[0]}: {other}/{run.name}.json has no such detector; it has {sorted(meta)}")
+        calibration = dict(run.calibration)
+        for name in detectors:
+            for c in meta[name]["calibration"]:
+                if c in run.scores and not np.allclose(run.scores[c], donor.scores[c], rtol=1e-4, atol=1e-6):
+                    raise SystemExit(f"--calibration-from {other}: {run.name}'s {c} scores differ (not the same fits)")
+                calibration[c] = donor.calibration[c]
+        out.append(Run(run.name, run.labels, run.scores, calibration, run.columns, run.groups))
+    return out
+
+
+def one_vs_rest(run: Run) -> bool:
+    """A digits one-vs-rest run (labels are digits), not an archive with defects (normal rows
+    labelled "", as ``bench/accuracy.py --archives aligned-digit1 ...`` keeps)."""
+    return run.name.startswith("digit") and not np.any(run.labels == "")
 
 
 def cells(run: Run) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(cell name, rows in the cell bool (n,), anomalous bool (n,)) of a run."""
-    if run.name.startswith("digit"):
+    if one_vs_rest(run):
         d = run.name[len("digit") :]
         return [(run.name, np.ones(len(run.labels), bool), run.labels != d)]
     kinds = sorted(set(run.labels) - {""})
@@ -149,6 +187,7 @@ def bonferroni(pvalues: Sequence[np.ndarray]) -> np.ndarray:
 
 RULES: dict[str, tuple[TailRule, Callable[[Sequence[np.ndarray]], np.ndarray]]] = {
     "current": (tail_pvalue, combine_pvalues),  # whatever detectors.fusion does now
+    "columns": (tail_pvalue, combine_pvalues),  # the current tails, each column one vote (until 2026-12-07)
     "exponential": (exponential_tail, combine_pvalues),
     "predictive": (predictive_tail, combine_pvalues),
     "empirical": (empirical_tail, combine_pvalues),
@@ -164,7 +203,7 @@ def column_pvalues(run: Run, tail: TailRule) -> dict[str, np.ndarray]:
 def fused(run: Run, rule: str) -> np.ndarray:
     """float64 (n,) -log10 of the combined p under ``rule``; "current" is ``detectors.fusion.fuse`` itself."""
     if rule == "current":
-        return fuse(run.scores, run.calibration, run.columns)
+        return fuse(run.scores, run.calibration, run.groups)
     tail, combine = RULES[rule]
     p = column_pvalues(run, tail)
     return -np.log10(np.clip(combine(list(p.values())), P_FLOOR, 1.0))
@@ -172,7 +211,7 @@ def fused(run: Run, rule: str) -> np.ndarray:
 
 def normal_rows(run: Run) -> np.ndarray:
     """bool (n,): the run's normal test images (its digit, or the archive's crops without a defect)."""
-    return np.asarray(run.labels == (run.name[len("digit") :] if run.name.startswith("digit") else ""))
+    return np.asarray(run.labels == (run.name[len("digit") :] if one_vs_rest(run) else ""))
 
 
 def table(runs: Sequence[Run], rules: Sequence[str]) -> str:
@@ -286,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--tail-fraction", type=float, help=f"the share in the fitted tail (now {fusion.TAIL_FRACTION})")
     p.add_argument("--why", type=int, default=0, metavar="N", help="explain the N highest-scoring normal images")
     p.add_argument("--without", nargs="+", default=[], metavar="DETECTOR", help="fuse as if these were not trained")
+    p.add_argument("--calibration-from", metavar="OTHER", help="a kept run of the same fits to take calibration from")
+    p.add_argument("--for", dest="borrow", nargs="+", default=[], metavar="DETECTOR", help="whose calibration")
     args = p.parse_args(argv)
     if args.tail_fraction is not None:
         fusion.TAIL_FRACTION = args.tail_fraction
@@ -298,6 +339,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs = [r for d in args.dirs for r in load(d, args.without)]
     if not runs:
         p.error(f"no kept runs (*.json + *.npz) in {args.dirs}")
+    if bool(args.calibration_from) != bool(args.borrow):
+        p.error("--calibration-from and --for go together")
+    if args.calibration_from:
+        runs = borrow_calibration(runs, args.calibration_from, args.borrow)
     print(table(runs, args.rules))
     print()
     print(validity(runs, args.rules))

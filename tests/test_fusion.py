@@ -124,6 +124,27 @@ def test_fuse_reads_only_the_declared_columns() -> None:
         fuse(scores, cal, ["ocsvm_score"])
 
 
+def test_each_model_gets_one_vote_whatever_its_number_of_columns() -> None:
+    """Grouped by detector, a model's columns are combined first: a detector that exposes three
+    views of one normal score does not outvote a detector with one column that sees the anomaly."""
+    rng = np.random.default_rng(RNG_SEED)
+    same = _calibration(rng.normal(size=300))
+    cal = {c: same for c in ("recon_error", "recon_local", "ae_kl")}
+    cal["gmm_loglik"] = _calibration(rng.normal(size=300))
+    noise = rng.normal(size=50)  # normal rows in every column of the autoencoder
+    scores = {"recon_error": noise, "recon_local": noise, "ae_kl": noise, "gmm_loglik": np.full(50, -4.0)}
+    three = fuse(scores, cal, {"autoencoder": ["recon_error", "recon_local", "ae_kl"], "mixture": ["gmm_loglik"]})
+    one = fuse(scores, cal, {"autoencoder": ["recon_error"], "mixture": ["gmm_loglik"]})
+    np.testing.assert_allclose(three, one, rtol=1e-9)  # identical columns: the same vote as one of them
+    flat = fuse(scores, cal, ["recon_error", "recon_local", "ae_kl", "gmm_loglik"])
+    # flat, the anomaly's p is diluted about 4x instead of 2x
+    assert np.all(three >= flat) and np.median(three - flat) > np.log10(1.9)
+    # a row anomalous in one column of a two-column detector is still flagged at 1-in-1000
+    scores2 = {"recon_error": np.array([0.0, 0.0]), "recon_local": np.array([0.0, 8.0]), "gmm_loglik": np.zeros(2)}
+    f = fuse(scores2, cal, {"autoencoder": ["recon_error", "recon_local"], "mixture": ["gmm_loglik"]})
+    assert f[0] < 1 and f[1] > 3
+
+
 def test_null_calibration_is_the_tail_by_construction() -> None:
     cal = null_calibration()
     assert cal["quantiles"] == {"0.95": pytest.approx(1.30103), "0.99": 2.0, "0.999": 3.0}
