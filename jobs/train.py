@@ -315,14 +315,25 @@ def calibration_replicas(replicas: int, n_normal: int) -> int:
     and from ``MIN_REPLICATE`` (fewer: no tenth is held out at all).
 
     Not the default (``--calibration-replicas 0``): on ``bench/accuracy.py --jobs 2
-    --calibration-replicas 2`` (2026-12-06) the digits' fused AUROC rose 0.9939 -> 0.9973
-    but the texture crops' fell 0.851 -> 0.825 (ihc blur 0.778 -> 0.640, page blur
-    0.699 -> 0.606, ihc hole 0.948 -> 0.879; every single column unchanged). Not yet
-    traced. What is known: under the pooled calibration 13-32% of the normal texture
-    test crops get p < 0.1 per column (10% nominal; ``bench/fusion_rules.py`` on a
-    ``--only texture --calibration-replicas 2 --keep`` run), so the pooled sample is not
-    the seed-0 model's null there; the same figure from a run with 0 replicas would say
-    how much of that the replicas add and how much the train/test split of the crops.
+    --calibration-replicas 2`` (2026-12-06, one vote per column) the digits' fused AUROC
+    rose 0.9939 -> 0.9973 but the texture crops' fell 0.851 -> 0.825 (ihc blur 0.778 ->
+    0.640, page blur 0.699 -> 0.606, ihc hole 0.948 -> 0.879; every single column
+    unchanged); with one vote per detector (2026-12-07, the same command with ``--keep``,
+    3041 s) 0.9916 -> 0.9966 and 0.855 -> 0.828. Why, traced with ``bench/fusion_rules.py
+    DIR --calibration-from R2 --for DETECTOR`` (one detector's calibration pooled, the
+    others' not; texture / digits from 0.8548 / 0.9916): CAM 0.8366 / 0.9909, OCSVM 0.8485
+    / 0.9920, autoencoder 0.8539 / 0.9906, mixture 0.8531 / 0.9960, whitening 0.8555 /
+    0.9937. The premise above fails for some detectors: a replica is another model, and
+    its scores are on its own scale. Under the pooled calibration the share of normal test
+    crops at p < 0.01 went 0% -> 20% for ``ocsvm_score`` on page (an OCSVM's offset moves
+    with its training subset) and 3% -> 29% for ``cam_anomaly`` on gravel, while the CAM on
+    page went 30% -> 0% (and its anomalies with it). The texture crops are off without
+    replicas too (their test half is another part of each image: per column 3-89% of the
+    normal test crops at p < 0.1, mean 23%; at p < 0.01 mean 1.2%, 1.8% pooled), so a
+    replica's shift of a column's scale decides which columns raise false alarms. The next
+    step: bring each replica's held-out scores to the model's scale before pooling (e.g. by
+    the location and spread of both models' scores on the images both trained on), or pool
+    only where a two-sample test finds the same scale, then measure again.
     """
     if replicas < 1 or not MIN_REPLICATE <= n_normal < REPLICATE_BELOW:
         return 0
