@@ -39,10 +39,15 @@ def test_train_writes_a_bundle_score_can_load(tmp_path: Any, capsys: Any) -> Non
     assert bundle.training["n_normal"] == int((labels == 0).sum())
     assert bundle.detectors["cam"].classes_ == ["0", "1"]  # type: ignore[attr-defined]
     # a small set: each detector's own held-out tenth and those of its 2 calibration replicas
+    # whose scores are on the model's scale (a replica refused is said on stderr)
     tenth = round(0.1 * int((labels == 0).sum()))
-    for name in ("autoencoder", "mixture", "ocsvm", "whitening"):
-        assert {c["n"] for c in bundle.detectors[name].calibration_.values()} == {3 * tenth}, name
-    assert {c["n"] for c in bundle.detectors["cam"].calibration_.values()} == {3 * 12}  # it learns both labels
+    sizes = {name: {c["n"] for c in det.calibration_.values()} for name, det in bundle.detectors.items()}
+    for name, per in sizes.items():
+        unit = 12 if name == "cam" else tenth  # the CAM learns both labels
+        assert len(per) == 1 and per <= {unit, 2 * unit, 3 * unit}, (name, per)
+        refused = captured.err.count(f"{name}: replica ")
+        assert per == {(3 - refused) * unit}, (name, per, refused)
+    assert any(per == {3 * tenth} for per in sizes.values())
     assert "calibration replica 2 of 2 (seed 2)" in captured.err
     assert bundle.training["calibration_replicas"] == 2
     skipped = json.loads(read_bytes(f"{out}/training/skipped.json"))
@@ -196,6 +201,18 @@ def test_only_small_sets_get_calibration_replicas(replicas: int, n_normal: int, 
 
     assert (MIN_REPLICATE, REPLICATE_BELOW) == (30, 1000)  # the cases above are at their edges
     assert calibration_replicas(replicas, n_normal) == expected
+
+
+def test_a_replica_on_another_scale_does_not_join_the_calibration() -> None:
+    from detectors.base import calibration_stats
+    from jobs.train import same_scale
+
+    rng = np.random.default_rng(0)
+    own = {"recon_error": calibration_stats(rng.normal(size=30))}
+    assert same_scale(own, {"recon_error": calibration_stats(rng.normal(size=30))}, ["recon_error"])
+    shifted = {"recon_error": calibration_stats(rng.normal(2.0, 1.0, size=30))}  # another model's scale
+    assert not same_scale(own, shifted, ["recon_error"])
+    assert not same_scale(own, {}, ["recon_error"])  # a replica without the column: nothing to pool
 
 
 def test_a_small_set_calibrates_on_the_held_out_scores_of_its_replicas() -> None:
