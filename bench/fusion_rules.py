@@ -70,8 +70,12 @@ class Run:
     labels: np.ndarray  # str (n,): the digit, or "" (normal crop) / the defect kind
     scores: dict[str, np.ndarray]  # column -> float64 (n,)
     calibration: dict[str, dict[str, Any]]  # column -> calibration statistics
-    columns: list[str]  # the declared anomaly columns, in the detectors' order
     groups: dict[str, list[str]]  # detector -> its declared columns (one vote each in the fusion)
+
+    @property
+    def columns(self) -> list[str]:
+        """The declared anomaly columns, in the detectors' order."""
+        return [c for g in self.groups.values() for c in g]
 
 
 def load(directory: str, without: Sequence[str] = ()) -> list[Run]:
@@ -83,10 +87,9 @@ def load(directory: str, without: Sequence[str] = ()) -> list[Run]:
             meta = {name: m for name, m in json.load(f).items() if name not in without}
         z = np.load(f"{stem}.npz")
         groups = {name: list(d["anomaly_columns"]) for name, d in meta.items()}
-        cols = [c for g in groups.values() for c in g]
         calib = {c: s for d in meta.values() for c, s in d["calibration"].items()}
-        scores = {k: z[k] for k in z.files if k in calib or k in cols}
-        runs.append(Run(os.path.basename(stem), z["labels"], scores, calib, cols, groups))
+        scores = {k: z[k] for k in z.files if k in calib}
+        runs.append(Run(os.path.basename(stem), z["labels"], scores, calib, groups))
     return runs
 
 
@@ -110,7 +113,7 @@ def borrow_calibration(runs: Sequence[Run], other: str, detectors: Sequence[str]
                 if c in run.scores and not np.allclose(run.scores[c], donor.scores[c], rtol=1e-4, atol=1e-6):
                     raise SystemExit(f"--calibration-from {other}: {run.name}'s {c} scores differ (not the same fits)")
                 calibration[c] = donor.calibration[c]
-        out.append(Run(run.name, run.labels, run.scores, calibration, run.columns, run.groups))
+        out.append(Run(run.name, run.labels, run.scores, calibration, run.groups))
     return out
 
 
@@ -216,8 +219,9 @@ def normal_rows(run: Run) -> np.ndarray:
 
 def table(runs: Sequence[Run], rules: Sequence[str]) -> str:
     single = sorted({c for r in runs for c in r.columns}, key=lambda c: list(DIRECTIONS).index(c))
-    head = "| cell | " + " | ".join(rules) + " | " + " | ".join(single) + " |"
-    lines = [head, "|---|" + "---|" * (len(rules) + len(single))]
+    best = "best single"  # the best declared column of each cell, as if one knew which in advance
+    head = "| cell | " + " | ".join(rules) + " | " + " | ".join(single) + f" | {best} |"
+    lines = [head, "|---|" + "---|" * (len(rules) + len(single) + 1)]
     sums: dict[str, list[float]] = {}
     for run in runs:
         scores = {rule: fused(run, rule) for rule in rules}  # once per run, not per cell
@@ -229,10 +233,11 @@ def table(runs: Sequence[Run], rules: Sequence[str]) -> str:
                     vals[c] = roc_auc_score(y[keep], -s if DIRECTIONS[c] == "low" else s)
                 else:
                     vals[c] = float("nan")
+            vals[best] = float(np.nanmax([vals[c] for c in single]))
             for k, v in vals.items():
                 sums.setdefault(k, []).append(v)
-            lines.append(f"| {name} | " + " | ".join(f"{vals[k]:.3f}" for k in [*rules, *single]) + " |")
-    means = [float(np.nanmean(sums[k])) for k in [*rules, *single]]
+            lines.append(f"| {name} | " + " | ".join(f"{vals[k]:.3f}" for k in [*rules, *single, best]) + " |")
+    means = [float(np.nanmean(sums[k])) for k in [*rules, *single, best]]
     lines.append("| **mean** | " + " | ".join(f"**{v:.4f}**" for v in means) + " |")
     return "\n".join(lines)
 
