@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 #: verb -> module under jobs/ that implements it
 VERBS: dict[str, str] = {
     "train": "jobs.train_cli",
+    "calibrate": "jobs.calibrate_cli",
     "score": "jobs.score_cli",
     "reduce": "jobs.reduce_cli",
     "scan": "jobs.scan_cli",

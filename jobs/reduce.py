@@ -294,10 +294,10 @@ def few_calibration(facts: ModelFacts) -> str | None:
     if n >= FEW_CALIBRATION:
         return None
     return (
-        f"note: the bundle's detectors kept as few as {n} held-out normal scores; from so few, "
+        f"note: the bundle's detectors kept as few as {n} normal scores to calibrate on; from so few, "
         "anomaly_score puts an image at 1 in 1,000 only far beyond all of them. To flag more, rank by "
-        f"anomaly_score, use --rule {FUSED}=quantile:Q, or train on more images (or with "
-        "--calibration-replicas R)."
+        f"anomaly_score, use --rule {FUSED}=quantile:Q, or calibrate the bundle on more normal images "
+        "('imgscan calibrate')."
     )
 
 
