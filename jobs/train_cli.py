@@ -53,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=0,
         metavar="R",
         help="below 1000 normal images, also calibrate each detector on the held-out scores of R copies "
-        "trained with other seeds (default 0: none; 2 helped digits, hurt texture crops)",
+        "trained with other seeds, brought to the model's scale (default 0: none; costs R more fits)",
     )
     p.add_argument("--seed", type=int, default=0)
     add_limit_flags(p)
