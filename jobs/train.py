@@ -408,13 +408,14 @@ def calibration_replicas(replicas: int, n_normal: int) -> int:
     aligned-digit1 aligned-digit3 aligned-digit8 --jobs 2``) 0.9492 / - / 0.9643 / 0.9662
     / 0.9649; page and gravel (``--only texture --archives page gravel --jobs 2``, the
     two archives replicas cost most, 10 cells) 0.8328 / 0.7917 / 0.8260 / 0.8187 /
-    0.8186. On page and gravel it is the OCSVM's replicas that cost (one detector's
-    calibration pooled at a time, ``bench/fusion_rules.py NONE --calibration-from DIR
+    0.8186; brick, grass and ihc (15 cells) 0.8695 without, 0.8697 aligned then tested.
+    On page and gravel it is the OCSVM's replicas that cost (one detector's calibration
+    pooled at a time, ``bench/fusion_rules.py NONE --calibration-from DIR
     --for DETECTOR`` on a run without replicas: OCSVM 0.8192, CAM 0.8279, others
     0.8320-0.8331): an OCSVM scores its own training images near its boundary, which does
     not show how far its held-out scores spread (normal crops at ``ocsvm_score`` p < 0.01:
-    0% -> 13.5%). Still opt-in: R more fits per detector, a gain only on aligned objects,
-    and not run on brick, grass, ihc or the held-out archives.
+    0% -> 13.5%). Still opt-in: R more fits per detector, a gain only on aligned objects
+    (the whole texture table 0.8548 -> 0.8493), not run on the held-out archives.
     """
     if replicas < 1 or not MIN_REPLICATE <= n_normal < REPLICATE_BELOW:
         return 0
