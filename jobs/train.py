@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from detectors import (
     OcsvmDetector,
     WhiteningDetector,
 )
-from detectors.base import fingerprint
+from detectors.base import fingerprint, split_validation
 from detectors.fusion import DIRECTIONS
 from detectors.preprocessing import resize_uint8
 from jobs.bundle import ModelBundle
@@ -290,8 +290,7 @@ def fit_detectors(
             )
             for name, det in copies.items():
                 own = fitted[name]
-                # the images the detector was fitted on: the CAM learns every label, the others the normal ones
-                images = x_all if isinstance(det, CamDetector) and _learns_labels(labels) else x_all[normal_mask]
+                images = x_all if _learns_every_label(det, labels) else x_all[normal_mask]  # what it was fitted on
                 held = aligned_to(own, det, images)
                 own_held = {c: np.asarray(s["sample"]) for c, s in own.calibration_.items()}
                 if held is None or not same_scale(own_held, held, own.anomaly_columns_ or ()):
@@ -332,6 +331,12 @@ def same_scale(own: Mapping[str, np.ndarray], replica: Mapping[str, np.ndarray],
     return True
 
 
+def _learns_every_label(det: BaseDetector, labels: Sequence[str | None]) -> TypeGuard[CamDetector]:
+    """Whether ``det`` is fitted on every image with its label (a CAM on a labelled set); the
+    other detectors, and a CAM with one label, learn the normal images alone."""
+    return isinstance(det, CamDetector) and _learns_labels(labels)
+
+
 def aligned_to(own: BaseDetector, replica: BaseDetector, images: np.ndarray) -> dict[str, np.ndarray] | None:
     """A replica's held-out scores on the model's scale -> column -> float64 (m,), or None when
     they cannot be put there (too few shared images, or a column without spread).
@@ -344,8 +349,6 @@ def aligned_to(own: BaseDetector, replica: BaseDetector, images: np.ndarray) -> 
     scores, and their spread on the anomalous side (median to the ``SPREAD_QUANTILE``
     quantile, or to 1 - it for a low-side column), match the model's.
     """
-    from detectors.base import split_validation
-
     n = len(images)
     own_train, _ = split_validation(n, own.validation_fraction, own.seed)  # type: ignore[attr-defined]
     rep_train, _ = split_validation(n, replica.validation_fraction, replica.seed)  # type: ignore[attr-defined]
@@ -465,7 +468,7 @@ def _fit_each(
                 ae.encoder_model() if isinstance(ae, AutoencoderDetector) and det.backbone == "autoencoder" else None
             )
             det.fit(x_normal, encoder=encoder, verbose=verbose)
-        elif isinstance(det, CamDetector) and have_labels:
+        elif _learns_every_label(det, labels):
             det.fit(x_all, [str(lbl) for lbl in labels], verbose=verbose)
         elif isinstance(det, AutoencoderDetector | CamDetector | OcsvmDetector | WhiteningDetector):
             det.fit(x_normal, verbose=verbose)
